@@ -1,0 +1,237 @@
+"""`orch`: plan, compile and launch finetuning jobs.
+
+Each subcommand imports only what it needs, so `orch plan` never imports torch.
+Errors are one line on stderr with a named exit code; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # unexpected failure (a bug, or a library error); --debug shows where
+    BAD_SPEC = 2  # the job spec, an override or a command-line argument is wrong
+    NO_FIT = 3  # `orch plan`: no strategy fits the hardware
+    SUBMIT_FAILED = 4  # sbatch (or the local launcher) refused or failed
+    TRAIN_FAILED = 5  # the trainer stopped with an error (OOM included)
+    INTERRUPTED = 130
+
+
+class OrchError(Exception):
+    """An expected failure: printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: Exit = Exit.ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+EPILOG = """\
+examples:
+  orch plan jobs/llama70b.yaml                         # will it fit? which strategy?
+  orch plan jobs/llama70b.yaml hardware.gpus_per_node=4 training.micro_batch_size=2
+  orch compile jobs/llama8b_full.yaml                  # write ds_configs/ and slurm/
+  orch submit jobs/tiny.yaml --local                   # train here (CPU or local GPUs)
+  orch submit jobs/llama70b.yaml                       # sbatch on a Slurm cluster
+
+Overrides: any spec field as dotted.key=value after the job file; values are YAML
+(4 is a number, true a boolean, [a, b] a list) and are validated like the file.
+exit codes: 0 ok, 1 unexpected error, 2 bad spec or usage, 3 nothing fits,
+            4 submit failed, 5 training failed.
+"""
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", help="job spec, e.g. jobs/llama70b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. training.micro_batch_size=4")
+
+
+def _load(args: argparse.Namespace, for_training: bool = False):
+    from orchestrator.spec import SpecError, load_job
+
+    try:
+        return load_job(args.job, args.overrides, for_training=for_training)
+    except SpecError as exc:
+        raise OrchError(str(exc), Exit.BAD_SPEC) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = _load(args)
+    print(f"{args.job}: ok ({job.name!r}, {job.method}, {job.model.name}, "
+          f"{job.hardware.nodes}x{job.hardware.gpus_per_node} GPUs, strategy {job.strategy})")
+    return Exit.OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from orchestrator.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return Exit.OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from orchestrator.catalog import model_table
+
+    rows = model_table()
+    if args.json:
+        print(json.dumps([{"name": r.name, "params": r.params, **r.shape.__dict__} for r in rows], indent=2))
+        return Exit.OK
+    print(f"{'preset':<13} {'params':>8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>5} {'kv':>3} {'vocab':>7}  tied")
+    for r in rows:
+        s = r.shape
+        print(f"{r.name:<13} {r.params / 1e9:>7.2f}B {s.num_hidden_layers:>6} {s.hidden_size:>6} {s.intermediate_size:>6} "
+              f"{s.num_attention_heads:>5} {s.num_key_value_heads:>3} {s.vocab_size:>7}  {'yes' if s.tie_word_embeddings else 'no'}")
+    return Exit.OK
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    from orchestrator.catalog import GPUS
+
+    print(f"{'gpu':<11} {'memory':>10} {'bf16 TFLOP/s':>13}")
+    for name, g in GPUS.items():
+        print(f"{name:<11} {g.memory_mib / 1024:>7.1f} GiB {g.bf16_tflops:>13.0f}")
+    return Exit.OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from orchestrator import planner
+
+    job = _load(args)
+    result = planner.plan(job)
+    if args.json:
+        print(json.dumps(planner.plan_json(job, result), indent=2))
+    else:
+        print(planner.render_table(job, result))
+    return Exit.OK if result.chosen else Exit.NO_FIT
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from orchestrator import compiler
+
+    job = _load(args)
+    for path in compiler.compile_job(job, args.out):
+        print(f"wrote {path}")
+    return Exit.OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    job = _load(args, for_training=not args.dry_run)
+    return submit.submit(job, args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator import train
+
+    return train.main_from_cli(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    return submit.status(args)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    return submit.cancel(args)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    return submit.logs(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orch",
+        description="Plan, compile and launch LLM finetuning jobs (QLoRA, LoRA, full; 1 GPU to many nodes).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("validate", cmd_validate, "check a job spec and exit", "orch validate jobs/llama70b.yaml training.lr=1e-4")
+    _job_args(p)
+    add("schema", cmd_schema, "print the JSON Schema of job specs (for editor completion)", "orch schema > orch-job.schema.json")
+    p = add("models", cmd_models, "list built-in model presets with their shapes", "orch models --json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add("gpus", cmd_gpus, "list known GPU models (hardware.gpu)", "orch gpus")
+
+    p = add("plan", cmd_plan, "estimate per-GPU memory for every strategy and pick the fastest that fits (no torch, no download)",
+            "orch plan jobs/llama70b.yaml hardware.gpus_per_node=4 --json")
+    _job_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    p = add("compile", cmd_compile, "write the DeepSpeed config and the Slurm script for the chosen strategy",
+            "orch compile jobs/llama8b_full.yaml --out build/")
+    _job_args(p)
+    p.add_argument("--out", default=".", help="folder that receives ds_configs/ and slurm/ (default: current folder)")
+
+    p = add("submit", cmd_submit, "compile, then submit with sbatch (or train here with --local)",
+            "orch submit jobs/tiny.yaml --local")
+    _job_args(p)
+    p.add_argument("--out", default=".", help="folder that receives ds_configs/ and slurm/ (default: current folder)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan summary and the script, submit nothing")
+    p.add_argument("--local", action="store_true", help="run the trainer on this machine through the deepspeed launcher (GPUs if present, else CPU)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
+
+    p = add("train", cmd_train, "run the trainer in this process (what the launcher runs on each rank)",
+            "deepspeed --num_gpus 2 -m orchestrator.train --job runs/tiny/job.yaml --ds-config ds_configs/tiny.json")
+    _job_args(p)
+    p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = add("status", cmd_status, "show Slurm jobs submitted by orch", "orch status")
+    p.add_argument("job_id", nargs="?", help="Slurm job id (default: all of yours)")
+    p = add("cancel", cmd_cancel, "cancel a Slurm job", "orch cancel 1234")
+    p.add_argument("job_id", help="Slurm job id")
+    p = add("logs", cmd_logs, "print a submitted job's log", "orch logs 1234 --follow")
+    p.add_argument("job_id", help="Slurm job id")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return Exit.BAD_SPEC
+    try:
+        return int(args.func(args))
+    except OrchError as exc:
+        if args.debug:
+            raise
+        for line in str(exc).splitlines() or [""]:
+            print(f"orch: error: {line}", file=sys.stderr)
+        return int(exc.code)
+    except KeyboardInterrupt:
+        print("orch: interrupted", file=sys.stderr)
+        return Exit.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"orch: error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return Exit.ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

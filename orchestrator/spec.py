@@ -1,0 +1,593 @@
+"""The job spec: one YAML file, parsed into typed, validated objects.
+
+Validation is strict: unknown keys, wrong types and out-of-range values are
+errors. Every error is one line that names the field path, the bad value, what
+is allowed and, where known, the YAML line::
+
+    jobs/x.yaml:14: training.micro_batch_size: got -1; must be >= 1
+
+Relative paths in a spec (data files, model folder, output dir, NVMe path) are
+relative to the directory orch is run from, like other training tools; the
+compiled job (`orch compile`) stores them as absolute paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator import catalog
+
+Strategy = Literal[
+    "single_gpu",
+    "zero2",
+    "zero3",
+    "zero3_offload_optimizer",
+    "zero3_offload_all",
+    "zero3_offload_optimizer_nvme",
+    "zero3_offload_all_nvme",
+]
+STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+Dtype = Literal["bf16", "fp16", "fp32"]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+# Printable text on one line: no control characters (newlines would break
+# generated scripts and one-line errors).
+_ONE_LINE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+
+
+class SpecError(Exception):
+    """A problem with a job spec. ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    # strict: "4" is not an int, 1.5 is not an int; YAML already gives real types.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+
+
+def _one_line(value: str, what: str) -> str:
+    if not _ONE_LINE.match(value):
+        raise ValueError(f"{what} must be one line of printable text")
+    return value
+
+
+class ModelSpec(_Section):
+    name: str = Field(description="A built-in preset (`orch models` lists them) or a local folder with a Hugging Face config.json.")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="'pretrained' loads the weights in the model folder; 'random' builds the model from its shape "
+        "with random weights (benchmarks and smoke tests, no download).",
+    )
+    tokenizer: Optional[str] = Field(
+        None,
+        description="Folder with tokenizer files. Default: the model folder; for a preset with random weights, "
+        "orch builds a byte-level tokenizer so nothing is downloaded.",
+    )
+    dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16."
+    )
+
+    @field_validator("name", "tokenizer")
+    @classmethod
+    def _text(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            if not v.strip():
+                raise ValueError("must not be empty")
+            _one_line(v, "value")
+        return v
+
+    def is_preset(self) -> bool:
+        return self.name in catalog.PRESETS
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' (every linear layer of the decoder blocks) or a list of module names such as [q_proj, v_proj]."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one module, or be 'all-linear'")
+            for name in v:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+                    raise ValueError(f"{name!r} is not a module name")
+        return v
+
+
+class QuantizationSpec(_Section):
+    type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the absmax constants too (saves ~0.37 bits per parameter).")
+    compute_dtype: Dtype = Field("bf16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
+    storage_dtype: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Dtype the packed 4-bit data is stored in. 'auto': the compute dtype when ZeRO-3 shards the weights "
+        "(ZeRO-3 cannot shard uint8 next to bf16 params), else uint8.",
+    )
+    skip_modules: list[str] = Field(["lm_head"], description="Modules kept in full precision (llm_int8_skip_modules).")
+    block_size: int = Field(64, description="Elements per absmax block (bitsandbytes uses 64 for 4-bit weights).")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v not in (64, 128, 256):
+            raise ValueError("must be 64, 128 or 256")
+        return v
+
+    def storage_for(self, sharded: bool) -> str:
+        """The storage dtype to use, resolving 'auto'."""
+        if self.storage_dtype != "auto":
+            return self.storage_dtype
+        return self.compute_dtype if sharded else "uint8"
+
+
+class DataSpec(_Section):
+    paths: list[str] = Field(min_length=1, description="Local JSONL or Parquet files, or folders saved with datasets' save_to_disk.")
+    format: Literal["text", "alpaca", "chat"] = Field(
+        "text", description="'text': a `text` field; 'alpaca': instruction/input/output; 'chat': a `messages` list of {role, content}."
+    )
+    seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per sequence.")
+    packing: bool = Field(True, description="Pack several examples into each sequence (no padding waste); attention does not cross example borders where the kernel supports it.")
+    mask_prompt: bool = Field(True, description="Leave prompt tokens out of the loss (alpaca and chat formats).")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.strip():
+                raise ValueError("a path must not be empty")
+            _one_line(p, "a path")
+        return v
+
+
+class TrainingSpec(_Section):
+    micro_batch_size: int = Field(1, ge=1, le=65536, description="Sequences per GPU per forward pass.")
+    global_batch_size: int = Field(
+        8, ge=1, le=16_777_216,
+        description="Sequences per optimizer step over all GPUs. Must be a multiple of micro_batch_size x GPUs; "
+        "the quotient is the gradient accumulation.",
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: much less memory, ~30% more compute.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run. Give max_steps or epochs.")
+    epochs: Optional[float] = Field(None, gt=0, le=10000, description="Passes over the data set. Give max_steps or epochs.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds model init (random weights), data shuffling and dropout.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
+    output_dir: str = Field("runs/{name}", description="Where checkpoints, adapters and metrics go; {name} is the job name made safe for paths.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _out(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return _one_line(v, "a path")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainingSpec":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("training.max_steps: give exactly one of training.max_steps or training.epochs")
+        return self
+
+
+class HardwareSpec(_Section):
+    nodes: int = Field(1, ge=1, le=4096, description="Nodes (machines).")
+    gpus_per_node: int = Field(1, ge=1, le=64, description="GPUs per node.")
+    gpu: Optional[str] = Field("H100-80GB", description=f"GPU model, sets gpu_memory_gb. Known: {', '.join(catalog.GPUS)}.")
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, le=4096, description="Usable memory per GPU in GiB; overrides `gpu`.")
+    host_ram_gb: float = Field(256, gt=0, le=65536, description="Host RAM per node in GiB (for CPU offload).")
+    cpus_per_node: int = Field(16, ge=1, le=4096, description="CPU cores per node for the Slurm request.")
+    nvme_path: Optional[str] = Field(None, description="Local NVMe folder on every node, for NVMe offload strategies.")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in catalog.GPUS:
+            close = difflib.get_close_matches(v, catalog.GPUS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown GPU{hint}; known: {', '.join(catalog.GPUS)}, or set gpu_memory_gb")
+        return v
+
+    @field_validator("nvme_path")
+    @classmethod
+    def _nvme(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _one_line(v, "a path")
+
+    @model_validator(mode="after")
+    def _memory(self) -> "HardwareSpec":
+        if self.gpu is None and self.gpu_memory_gb is None:
+            raise ValueError("hardware.gpu: set hardware.gpu or hardware.gpu_memory_gb")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def gpu_memory_bytes(self) -> int:
+        if self.gpu_memory_gb is not None:
+            return int(self.gpu_memory_gb * catalog.GIB)
+        return catalog.GPUS[self.gpu].memory_mib * catalog.MIB  # type: ignore[index]
+
+    def gpu_tflops(self) -> float:
+        """Dense bf16 peak of the GPU (H100 when only a memory size is given)."""
+        return catalog.GPUS[self.gpu or "H100-80GB"].bf16_tflops
+
+
+class SlurmSpec(_Section):
+    partition: Optional[str] = Field(None, description="Slurm partition (-p).")
+    account: Optional[str] = Field(None, description="Slurm account (-A).")
+    qos: Optional[str] = Field(None, description="Slurm QOS.")
+    time: str = Field("24:00:00", description="Time limit, [D-]HH:MM:SS.")
+    mem_gb: Optional[int] = Field(None, ge=1, description="Host memory to request per node in GiB (default: hardware.host_ram_gb).")
+    extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--exclusive', '--constraint=h100'].")
+    setup: list[str] = Field([], description="Shell lines run before launch (module load, conda activate). Trusted: they run as written.")
+    signal_seconds: int = Field(300, ge=10, le=86400, description="Seconds before the time limit at which Slurm tells orch to checkpoint.")
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.,:+-]+", v):
+            raise ValueError("must be letters, digits and _ . , : + - only")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+            raise ValueError("must look like HH:MM:SS or D-HH:MM:SS")
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        for line in v:
+            _one_line(line, "an #SBATCH option")
+            if not line.startswith("--"):
+                raise ValueError(f"{line!r} must be a long option starting with '--'")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, v: list[str]) -> list[str]:
+        for line in v:
+            _one_line(line, "a setup line")
+        return v
+
+    def time_seconds(self) -> int:
+        days, _, rest = self.time.rpartition("-")
+        parts = [int(x) for x in rest.split(":")]
+        while len(parts) < 3:
+            parts.append(0)
+        h, m, s = parts
+        return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + s
+
+
+class LoggingSpec(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="'offline' writes runs locally (sync later with `wandb sync`); 'online' needs WANDB_API_KEY in the environment."
+    )
+    wandb_project: str = Field("orch", description="wandb project.")
+    wandb_entity: Optional[str] = Field(None, description="wandb entity (team or user).")
+    log_every: int = Field(1, ge=1, description="Log loss, memory and throughput every N optimizer steps.")
+
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _ident(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", v):
+            raise ValueError("must be 1-128 letters, digits, _ . -")
+        return v
+
+
+class JobSpec(_Section):
+    """A whole finetuning job."""
+
+    name: str = Field(min_length=1, max_length=128, description="Job name: shown in Slurm and logs; file names use a path-safe form of it.")
+    model: ModelSpec
+    method: Literal["qlora", "lora", "full"] = Field(description="qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: all weights trained.")
+    lora: LoraSpec = Field(LoraSpec(), description="LoRA settings (qlora and lora).")
+    quantization: QuantizationSpec = Field(QuantizationSpec(), description="4-bit settings (qlora).")
+    data: DataSpec
+    training: TrainingSpec
+    hardware: HardwareSpec = Field(HardwareSpec(), description="What the job runs on.")
+    strategy: Literal["auto", Strategy] = Field(  # type: ignore[valid-type]
+        "auto", description="'auto' lets the planner choose the fastest strategy that fits; or force one."
+    )
+    slurm: SlurmSpec = Field(SlurmSpec(), description="Slurm batch settings.")
+    logging: LoggingSpec = Field(LoggingSpec(), description="Metrics logging.")
+
+    @field_validator("name")
+    @classmethod
+    def _job_name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return _one_line(v, "the name")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "JobSpec":
+        world = self.hardware.world_size
+        per_step = self.training.micro_batch_size * world
+        if self.training.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size: {self.training.global_batch_size} must be a multiple of "
+                f"micro_batch_size x GPUs = {self.training.micro_batch_size} x {world} = {per_step}"
+            )
+        if self.strategy == "single_gpu" and world != 1:
+            raise ValueError(f"strategy: single_gpu needs exactly 1 GPU, but hardware gives {world}")
+        if "nvme" in self.strategy and not self.hardware.nvme_path:
+            raise ValueError(f"hardware.nvme_path: strategy {self.strategy} needs a local NVMe folder here")
+        if self.model.attn_implementation == "flash_attention_2" and self.model.dtype == "fp32":
+            raise ValueError("model.attn_implementation: flash_attention_2 needs model.dtype bf16 or fp16")
+        return self
+
+    # Derived values: methods, so they stay consistent with the fields.
+    def slug(self) -> str:
+        """The name made safe for file names: no separators, no leading dot."""
+        return safe_name(self.name)
+
+    def grad_accum(self) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.hardware.world_size)
+
+    def output_dir(self) -> Path:
+        return Path(self.training.output_dir.replace("{name}", self.slug()))
+
+    def shape(self) -> catalog.ModelShape:
+        """The model's shape: a preset, or the folder's config.json."""
+        if self.model.is_preset():
+            return catalog.PRESETS[self.model.name]
+        return catalog.load_config_json(Path(self.model.name))
+
+
+def safe_name(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return slug[:100] or "job"
+
+
+# ---------------------------------------------------------------------------
+# Loading: YAML -> dict (with line numbers) -> overrides -> JobSpec -> file checks
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a tiny file could otherwise expand into a huge object graph."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed in job specs")
+        return super().compose_node(parent, index)
+
+
+def _line_map(node: yaml.Node, prefix: tuple = (), out: Optional[dict] = None) -> dict[tuple, int]:
+    """Map each key path to the 1-based YAML line where it appears."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            out[path] = key.start_mark.line + 1
+            _line_map(value, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            _line_map(item, prefix + (i,), out)
+    return out
+
+
+@dataclass
+class _Source:
+    label: str
+    lines: dict[tuple, int]
+
+
+MAX_SPEC_BYTES = 1_000_000
+
+
+def read_yaml(path: Path) -> tuple[dict, _Source]:
+    """Read a job file into a plain dict and a key->line map. Raises SpecError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{path}: is a directory, expected a YAML job file"]) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read ({exc.strerror})"]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([f"{path}: {len(raw)} bytes is too large for a job spec (limit {MAX_SPEC_BYTES})"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text (bad byte at offset {exc.start})"]) from None
+    return parse_yaml_text(text, str(path))
+
+
+def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
+    try:
+        node = yaml.compose(text, Loader=_NoAliasLoader)
+        data = yaml.load(text, Loader=_NoAliasLoader) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"{label}{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
+    except RecursionError:
+        raise SpecError([f"{label}: YAML nested too deeply"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{label}: expected a mapping of sections (name, model, method, data, training, ...), got {type(data).__name__}"])
+    return data, _Source(label, _line_map(node))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; the value is parsed as YAML (so 4 is an int, true a bool)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise SpecError([f"override {item!r}: expected dotted.key=value, e.g. training.micro_batch_size=4"])
+        try:
+            value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError([f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section"])
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _format_error(err: dict, data: dict, src: _Source) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("literal[") or p in ("list[str]", "str"))))
+    # pydantic puts union branch names in loc; keep only real keys and indexes.
+    loc = tuple(p for p in loc if isinstance(p, int) or not p.startswith(("function-", "union[")))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for n in range(len(loc), 0, -1):
+        line = src.lines.get(loc[:n])
+        if line:
+            break
+    where = f"{src.label}:{line}" if line else src.label
+    kind = err["type"]
+    msg = err["msg"].removeprefix("Value error, ")
+    # Cross-field checks name their own field ("training.x: ..."): use it as the path.
+    named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg)
+    if named and named.group(1).split(".")[0] in JobSpec.model_fields:
+        path, msg = named.group(1), named.group(2)
+        key = tuple(path.split("."))
+        line = next((src.lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in src.lines), line)
+        where = f"{src.label}:{line}" if line else src.label
+        return f"{where}: {path}: {msg}"
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: {path}: unknown key; {hint}allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: {path}: required field is missing"
+    got = f"got {_describe(err.get('input'))}; " if "input" in err and kind not in ("model_type",) else ""
+    if kind == "literal_error":
+        msg = "allowed: " + msg.removeprefix("Input should be ")
+    return f"{where}: {path}: {got}{msg}"
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def validate_dict(data: dict, src: _Source) -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        problems = []
+        for err in errors:
+            line = _format_error(err, data, src)
+            if line not in problems:
+                problems.append(line)
+        raise SpecError(problems) from None
+    except RecursionError:
+        raise SpecError([f"{src.label}: spec nested too deeply"]) from None
+
+
+def check_files(job: JobSpec, label: str, for_training: bool = False) -> None:
+    """Checks that need the file system: data files exist, model folder has config.json.
+
+    ``for_training`` adds what only training needs (weights to load); plan and
+    compile work from the shape alone.
+    """
+    problems = []
+    for i, p in enumerate(job.data.paths):
+        path = Path(p)
+        if not path.exists():
+            problems.append(f"{label}: data.paths.{i}: {p!r} does not exist")
+        elif path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+            problems.append(f"{label}: data.paths.{i}: {p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)")
+        elif path.is_file():
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"{label}: data.paths.{i}: cannot read {p!r} ({exc.strerror})")
+    if not job.model.is_preset():
+        folder = Path(job.model.name)
+        if not folder.is_dir():
+            close = difflib.get_close_matches(job.model.name, catalog.PRESETS, n=1)
+            hint = f" (did you mean preset {close[0]!r}?)" if close else f"; presets: {', '.join(catalog.PRESETS)}"
+            problems.append(f"{label}: model.name: {job.model.name!r} is neither a preset nor a folder{hint}")
+        else:
+            try:
+                catalog.load_config_json(folder)
+            except ValueError as exc:
+                problems.append(f"{label}: model.name: {exc}")
+    if for_training and job.model.weights == "pretrained":
+        if job.model.is_preset():
+            problems.append(
+                f"{label}: model.weights: preset {job.model.name!r} comes without weights; "
+                "use weights: random, or set model.name to a local folder with weights"
+            )
+        elif Path(job.model.name).is_dir() and not catalog.has_weights(Path(job.model.name)):
+            problems.append(f"{label}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
+    if job.model.tokenizer is not None and not Path(job.model.tokenizer).is_dir():
+        problems.append(f"{label}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
+    if problems:
+        raise SpecError(problems)
+
+
+def load_job(
+    path: Union[str, Path], overrides: Optional[list[str]] = None, check_paths: bool = True, for_training: bool = False
+) -> JobSpec:
+    """Read, override, validate. Raises SpecError with one line per problem."""
+    path = Path(path)
+    data, src = read_yaml(path)
+    data = apply_overrides(data, list(overrides or []))
+    job = validate_dict(data, src)
+    if check_paths:
+        check_files(job, str(path), for_training)
+    return job
+
+
+def json_schema() -> dict:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "orch job spec"
+    return schema
+
+
+def dump_job(job: JobSpec) -> str:
+    """The spec as YAML, every default filled in (the compiled job the trainer reads)."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
