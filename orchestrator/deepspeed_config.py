@@ -1,0 +1,150 @@
+"""The DeepSpeed JSON for a job and a strategy: concrete values, no "auto".
+
+orch drives the DeepSpeed engine itself, so every value is decided here from the
+spec and the model shape, and the same dict is what the trainer passes to
+``deepspeed.initialize``. Pure: no torch or deepspeed import.
+"""
+
+from __future__ import annotations
+
+from orchestrator.catalog import ModelShape
+from orchestrator.spec import STRATEGIES, JobSpec
+
+ZERO_STAGE = {
+    "single_gpu": 0,
+    "zero2": 2,
+    "zero3": 3,
+    "zero3_offload_optimizer": 3,
+    "zero3_offload_all": 3,
+    "zero3_offload_optimizer_nvme": 3,
+    "zero3_offload_all_nvme": 3,
+}
+assert set(ZERO_STAGE) == set(STRATEGIES)  # a new strategy must be given a stage here
+
+# DeepSpeed's scheduler for each spec schedule.
+_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def offload_devices(strategy: str) -> tuple[str, str]:
+    """(optimizer offload device, parameter offload device): 'none', 'cpu' or 'nvme'."""
+    device = "nvme" if strategy.endswith("_nvme") else "cpu"
+    if strategy.startswith("zero3_offload_all"):
+        return device, device
+    if strategy.startswith("zero3_offload_optimizer"):
+        return device, "none"
+    return "none", "none"
+
+
+def bucket_sizes(shape: ModelShape) -> dict[str, int]:
+    """Communication bucket sizes scaled to the hidden size.
+
+    These follow the rule DeepSpeed's HF integration applies for "auto"
+    (reduce bucket h*h, prefetch 0.9*h*h, persistence 10*h): buckets of about one
+    h x h matrix keep every collective large enough to use the link bandwidth
+    without holding more than a layer's worth of extra memory.
+    """
+    h = shape.hidden_size
+    return {
+        "reduce_bucket_size": h * h,
+        "allgather_bucket_size": max(h * h, 50_000_000),
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+    }
+
+
+def scheduler_block(job: JobSpec, total_steps: int) -> dict:
+    t = job.training
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    kind = _SCHEDULERS[t.lr_schedule]
+    if kind == "WarmupCosineLR":
+        params = {"total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
+                  "cos_min_ratio": 0.1, "warmup_type": "linear"}
+    elif kind == "WarmupDecayLR":
+        params = {"total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
+                  "warmup_max_lr": t.lr, "warmup_type": "linear"}
+    else:
+        params = {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_type": "linear"}
+    return {"type": kind, "params": params}
+
+
+def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps: int | None = None) -> dict:
+    """The DeepSpeed config dict for ``job`` run with ``strategy``.
+
+    ``total_steps`` is the number of optimizer steps for the LR schedule; it
+    defaults to ``training.max_steps``. Jobs given in epochs only know it once
+    the data is tokenized: the trainer passes it then, and the compiled file
+    records the placeholder value 1 with a note (see `orch compile`).
+    """
+    if strategy not in ZERO_STAGE:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    t, hw = job.training, job.hardware
+    stage = ZERO_STAGE[strategy]
+    opt_dev, param_dev = offload_devices(strategy)
+    buckets = bucket_sizes(shape)
+
+    zero: dict = {"stage": stage}
+    if stage >= 1:
+        zero.update(
+            overlap_comm=True,
+            contiguous_gradients=True,
+            reduce_scatter=True,
+            reduce_bucket_size=buckets["reduce_bucket_size"],
+        )
+    if stage == 2:
+        zero["allgather_partitions"] = True
+        zero["allgather_bucket_size"] = buckets["allgather_bucket_size"]
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=buckets["stage3_prefetch_bucket_size"],
+            stage3_param_persistence_threshold=buckets["stage3_param_persistence_threshold"],
+            stage3_max_live_parameters=1_000_000_000,
+            stage3_max_reuse_distance=1_000_000_000,
+            # orch saves LoRA adapters by gathering only adapter params, and full
+            # models through the ZeRO checkpoint: no 16-bit gather of the whole model.
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    for key, device in (("offload_optimizer", opt_dev), ("offload_param", param_dev)):
+        if device == "cpu":
+            zero[key] = {"device": "cpu", "pin_memory": True}
+        elif device == "nvme":
+            zero[key] = {"device": "nvme", "nvme_path": hw.nvme_path, "pin_memory": True}
+            if key == "offload_optimizer":
+                zero[key]["buffer_count"] = 4
+            else:
+                zero[key].update(buffer_count=5, buffer_size=max(100_000_000, shape.hidden_size * shape.intermediate_size))
+
+    steps = total_steps if total_steps is not None else (t.max_steps or 1)
+    optimizer_params: dict = {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}
+    if opt_dev == "none":
+        # torch's AdamW (foreach) needs no JIT-compiled op and is as fast as
+        # FusedAdam for LoRA-sized parameter sets; offload uses DeepSpeedCPUAdam.
+        optimizer_params["torch_adam"] = True
+    config: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": job.grad_accum(),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "scheduler": scheduler_block(job, steps),
+        "zero_allow_untested_optimizer": True,
+        "activation_checkpointing": {
+            # orch checkpoints through transformers (gradient_checkpointing_enable);
+            # DeepSpeed's own partitioned checkpointing is for Megatron models.
+            "partition_activations": False,
+            "cpu_checkpointing": False,
+            "contiguous_memory_optimization": False,
+        },
+        "steps_per_print": 1_000_000_000,  # orch logs itself
+        "wall_clock_breakdown": False,
+        "wandb": {"enabled": False},
+        "tensorboard": {"enabled": False},
+        "csv_monitor": {"enabled": False},
+    }
+    dtype = job.model.dtype
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return config
