@@ -311,12 +311,12 @@ class JobSpec(_Section):
     """A whole finetuning job."""
 
     name: str = Field(min_length=1, max_length=128, description="Job name: shown in Slurm and logs; file names use a path-safe form of it.")
-    model: ModelSpec
+    model: ModelSpec = Field(description="The model to finetune: preset or local folder, weights, dtype.")
     method: Literal["qlora", "lora", "full"] = Field(description="qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: all weights trained.")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA settings (qlora and lora).")
     quantization: QuantizationSpec = Field(QuantizationSpec(), description="4-bit settings (qlora).")
-    data: DataSpec
-    training: TrainingSpec
+    data: DataSpec = Field(description="Training data: files, format, sequence length.")
+    training: TrainingSpec = Field(description="Batch sizes, optimizer and length of training.")
     hardware: HardwareSpec = Field(HardwareSpec(), description="What the job runs on.")
     strategy: Literal["auto", Strategy] = Field(  # type: ignore[valid-type]
         "auto", description="'auto' lets the planner choose the fastest strategy that fits; or force one."
@@ -383,6 +383,14 @@ class _NoAliasLoader(yaml.SafeLoader):
             event = self.peek_event()
             raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed in job specs")
         return super().compose_node(parent, index)
+
+
+# YAML 1.1 (PyYAML) reads 3e-4 and 1e5 as strings: a float needs a dot there.
+# People write learning rates as 3e-4, so also resolve YAML 1.2 exponent floats.
+_NoAliasLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _line_map(node: yaml.Node, prefix: tuple = (), out: Optional[dict] = None,
