@@ -458,7 +458,30 @@ def _load_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_NoAliasLoader)
 
 
+MAX_FLOW_DEPTH = 64
+"""Deepest [ ] / { } nesting accepted. Real specs use 1-2 levels; PyYAML parses
+recursively, and a file of thousands of '[' costs about a second before it hits
+Python's recursion limit. Counting brackets first rejects such files at once
+(brackets inside quoted strings count too: harmless at this limit)."""
+
+
+def _too_deep(text: str) -> Optional[int]:
+    """The 1-based line where [ / { nesting first exceeds MAX_FLOW_DEPTH, or None."""
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return text.count("\n", 0, m.start()) + 1
+        else:
+            depth = max(depth - 1, 0)
+    return None
+
+
 def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
+    deep_line = _too_deep(text)
+    if deep_line is not None:
+        raise SpecError([f"{label}:{deep_line}: YAML nested too deeply (more than {MAX_FLOW_DEPTH} levels of [ or {{)"])
     try:
         node = yaml.compose(text, Loader=_NoAliasLoader)
         data = _load_yaml_value(text) if node is not None else None
@@ -467,11 +490,12 @@ def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([f"{label}{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
-    except ValueError as exc:
-        # PyYAML turns digits into int() and Python refuses > 4300 digits.
-        raise SpecError([f"{label}: invalid YAML value: {' '.join(str(exc).split())[:120]}"]) from None
     except RecursionError:
         raise SpecError([f"{label}: YAML nested too deeply"]) from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors fail with plain Python errors
+        # int() of > 4300 digits raises ValueError; `!!timestamp x` raises AttributeError
+        # inside PyYAML. Either way the file holds a value YAML cannot build.
+        raise SpecError([f"{label}: invalid YAML value ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})"]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{label}: expected a mapping of sections (name, model, method, data, training, ...), got {type(data).__name__}"])
     duplicates: list = []
@@ -481,7 +505,7 @@ def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
         raise SpecError([f"{label}: YAML nested too deeply"]) from None
     if duplicates:
         raise SpecError([
-            f"{label}:{line}: {'.'.join(str(p) for p in path)}: duplicate key (first given on line {first})"
+            f"{label}:{line}: {_path_text(path)}: duplicate key (first given on line {first})"
             for path, first, line in duplicates
         ])
     return data, _Source(label, lines)
@@ -500,7 +524,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = _load_yaml_value(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw  # not YAML (e.g. "a: b: c"): keep the text; validation judges it
-        except (ValueError, RecursionError):
+        except Exception:  # noqa: BLE001 - as in parse_yaml_text: huge ints, bad explicit tags
             raise SpecError([f"override {item[:80]!r}: value is not a usable YAML scalar or list"]) from None
         parts = key.split(".")
         node = data
@@ -527,6 +551,16 @@ def _is_branch_tag(part: Any) -> bool:
     return isinstance(part, str) and (
         "[" in part or part in ("str", "int", "float", "bool", "list", "dict") or part.startswith(("function-", "union"))
     )
+
+
+def _path_text(loc: tuple) -> str:
+    """A key path for messages: plain keys joined by dots, odd keys (an unknown key with
+    spaces, dots or a newline in it) quoted by repr so the message stays one unambiguous line."""
+    parts = []
+    for p in loc:
+        text = str(p)
+        parts.append(text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _describe(text))
+    return ".".join(parts)
 
 
 def _user_loc(loc: tuple) -> tuple:
@@ -566,7 +600,7 @@ def _where(loc: tuple, src: _Source) -> str:
 
 def _format_error(err: dict, data: dict, src: _Source) -> str:
     loc = _user_loc(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = _path_text(loc) or "(top level)"
     where = _where(loc, src)
     kind = err["type"]
     msg = err["msg"].removeprefix("Value error, ")
@@ -645,16 +679,24 @@ def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     return model
 
 
+MAX_PROBLEMS = 20
+"""At most this many problems are listed for one spec."""
+
+
 def validate_dict(data: dict, src: _Source) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         errors = _merge_union_errors(exc.errors(include_url=False))
-        problems = []
+        problems: list[str] = []
         for err in errors:
             line = _format_error(err, data, src)
             if line not in problems:
                 problems.append(line)
+        if len(problems) > MAX_PROBLEMS:
+            # A file of 4000 unknown keys should not print 4000 lines.
+            hidden = len(problems) - MAX_PROBLEMS
+            problems = problems[:MAX_PROBLEMS] + [f"{src.label}: (top level): {hidden} more problems not shown"]
         raise SpecError(problems) from None
     except RecursionError:
         raise SpecError([f"{src.label}: spec nested too deeply"]) from None

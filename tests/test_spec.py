@@ -425,3 +425,52 @@ def test_schema_describes_every_field() -> None:
 def test_catalog_gpus_in_schema_description() -> None:
     desc = spec.json_schema()["$defs"]["HardwareSpec"]["properties"]["gpu"]["description"]
     assert all(name in desc for name in catalog.GPUS)
+
+
+# --- regressions found by tests/reliability/test_spec_fuzz.py -----------------------------------
+
+
+def test_unknown_key_with_newline_stays_one_line(workdir: Path) -> None:
+    """Bug fixed: an unknown key "a\\nb" was printed raw, splitting the error over two lines."""
+    (workdir / "job.yaml").write_text(sub("lr: 1.0e-3", 'lr: 1.0e-3\n  "a\\nb c": 1'))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    (problem,) = exc.value.problems
+    assert problem.startswith("job.yaml:16: training.'a\\nb c': unknown key; allowed: ")
+    assert len(problem.splitlines()) == 1
+
+
+def test_bad_explicit_tag_is_a_spec_error(workdir: Path) -> None:
+    """Bug fixed: `!!timestamp x` made PyYAML raise AttributeError (a traceback from orch validate)."""
+    (workdir / "job.yaml").write_text(sub("name: demo", "name: !!timestamp x"))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert str(exc.value).startswith("job.yaml: invalid YAML value (AttributeError: ")
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError, match="override 'name=!!timestamp x': value is not a usable YAML"):
+        spec.load_job("job.yaml", ["name=!!timestamp x"])
+
+
+def test_deep_flow_nesting_rejected_before_parsing(workdir: Path) -> None:
+    """Thousands of '[' used to cost ~1 s of recursion in PyYAML each; now a bracket count rejects them."""
+    import time
+
+    text = BASE + "x: " + "[" * 200_000 + "]" * 200_000 + "\n"
+    (workdir / "job.yaml").write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert time.perf_counter() - start < 1.0
+    assert str(exc.value) == f"job.yaml:{line_of(text, 'x: [')}: YAML nested too deeply (more than 64 levels of [ or {{)"
+    # 64 levels are fine (and rejected only for being an unknown key).
+    (workdir / "job.yaml").write_text(BASE + "x: " + "[" * 64 + "]" * 64 + "\n")
+    with pytest.raises(spec.SpecError, match="x: unknown key"):
+        spec.load_job("job.yaml")
+
+
+def test_problem_list_is_capped(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE + "".join(f"k{i}: {i}\n" for i in range(500)))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert len(exc.value.problems) == spec.MAX_PROBLEMS + 1
+    assert exc.value.problems[-1] == "job.yaml: (top level): 480 more problems not shown"
