@@ -5,6 +5,7 @@ errors. Every error is one line that names the field path, the bad value, what
 is allowed and, where known, the YAML line::
 
     jobs/x.yaml:14: training.micro_batch_size: got -1; must be >= 1
+    jobs/x.yaml (override 'training.lr=2'): training.lr: got 2; must be <= 1.0
 
 Relative paths in a spec (data files, model folder, output dir, NVMe path) are
 relative to the directory orch is run from, like other training tools; the
@@ -559,7 +560,9 @@ def _path_text(loc: tuple) -> str:
     parts = []
     for p in loc:
         text = str(p)
-        parts.append(text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else _describe(text))
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+            text = repr(text if len(text) <= 40 else text[:40] + "...")  # shorten first: the quotes stay closed
+        parts.append(text)
     return ".".join(parts)
 
 

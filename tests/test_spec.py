@@ -438,6 +438,11 @@ def test_unknown_key_with_newline_stays_one_line(workdir: Path) -> None:
     (problem,) = exc.value.problems
     assert problem.startswith("job.yaml:16: training.'a\\nb c': unknown key; allowed: ")
     assert len(problem.splitlines()) == 1
+    # A long odd key is shortened inside its quotes, so the path stays parseable.
+    (workdir / "job.yaml").write_text(BASE + f"{'é' * 80}: 1\n")
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert str(exc.value).startswith(f"job.yaml:21: '{'é' * 40}...': unknown key;")
 
 
 def test_bad_explicit_tag_is_a_spec_error(workdir: Path) -> None:
