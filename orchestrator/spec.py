@@ -566,8 +566,30 @@ def _path_text(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _user_loc(loc: tuple) -> tuple:
-    return tuple(p for p in loc if not _is_branch_tag(p))
+def _tag_positions(loc: tuple, data: Any) -> list[int]:
+    """Indexes in ``loc`` that are pydantic branch tags. A part that looks like a tag but
+    is a key the user wrote (an unknown key called `str` or `a[1]`) is not one: it is
+    what the message must name."""
+    tags = []
+    node = data
+    for i, p in enumerate(loc):
+        present = isinstance(node, dict) and p in node
+        if _is_branch_tag(p) and not present:
+            tags.append(i)
+            continue
+        if present:
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and 0 <= p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return tags
+
+
+def _user_loc(loc: tuple, data: Any) -> tuple:
+    """``loc`` without pydantic's branch tags: the path as the user wrote it."""
+    tags = set(_tag_positions(loc, data))
+    return tuple(p for i, p in enumerate(loc) if i not in tags)
 
 
 # pydantic's messages, said the way the rest of orch says them.
@@ -602,7 +624,7 @@ def _where(loc: tuple, src: _Source) -> str:
 
 
 def _format_error(err: dict, data: dict, src: _Source) -> str:
-    loc = _user_loc(err["loc"])
+    loc = _user_loc(err["loc"], data)
     path = _path_text(loc) or "(top level)"
     where = _where(loc, src)
     kind = err["type"]
@@ -628,7 +650,7 @@ def _format_error(err: dict, data: dict, src: _Source) -> str:
     return f"{where}: {path}: {got}{msg}"
 
 
-def _merge_union_errors(errors: list[dict]) -> list[dict]:
+def _merge_union_errors(errors: list[dict], data: Any) -> list[dict]:
     """One error per union-typed field instead of one per branch.
 
     For ``target_modules: 5`` pydantic reports "not 'all-linear'" and "not a
@@ -640,7 +662,7 @@ def _merge_union_errors(errors: list[dict]) -> list[dict]:
     out: list = []
     for err in errors:
         loc = err["loc"]
-        cut = next((i for i, p in enumerate(loc) if _is_branch_tag(p) and not str(p).startswith("function-")), None)
+        cut = next((i for i in _tag_positions(loc, data) if not str(loc[i]).startswith("function-")), None)
         if cut is None:
             out.append(err)
             continue
@@ -690,7 +712,7 @@ def validate_dict(data: dict, src: _Source) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        errors = _merge_union_errors(exc.errors(include_url=False))
+        errors = _merge_union_errors(exc.errors(include_url=False), data)
         problems: list[str] = []
         for err in errors:
             line = _format_error(err, data, src)

@@ -445,6 +445,18 @@ def test_unknown_key_with_newline_stays_one_line(workdir: Path) -> None:
     assert str(exc.value).startswith(f"job.yaml:21: '{'é' * 40}...': unknown key;")
 
 
+@pytest.mark.parametrize("key", ["str", "a[1]", "list[str]", "function-after"])
+def test_unknown_key_that_looks_like_a_pydantic_tag(workdir: Path, key: str) -> None:
+    """Bug fixed: the loc cleaning dropped every part that looked like a union branch tag,
+    so an unknown key `str` under training was reported as `training: unknown key`."""
+    text = sub("lr: 1.0e-3", f"lr: 1.0e-3\n  '{key}': 1")
+    (workdir / "job.yaml").write_text(text)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
+    assert str(exc.value).startswith(f"job.yaml:{line_of(text, key)}: training.{shown}: unknown key;")
+
+
 def test_bad_explicit_tag_is_a_spec_error(workdir: Path) -> None:
     """Bug fixed: `!!timestamp x` made PyYAML raise AttributeError (a traceback from orch validate)."""
     (workdir / "job.yaml").write_text(sub("name: demo", "name: !!timestamp x"))
