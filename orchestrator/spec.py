@@ -263,8 +263,16 @@ class SlurmSpec(_Section):
     @field_validator("time")
     @classmethod
     def _time(cls, v: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+        # Only forms that Slurm and time_seconds() read the same way: Slurm takes a bare
+        # "MM:SS" as minutes:seconds, so "00:20" would be 20 seconds there, 20 minutes here.
+        m = re.fullmatch(r"(\d{1,3})-(\d{1,2})(?::(\d{2})(?::(\d{2}))?)?|(\d{1,4}):(\d{2}):(\d{2})", v)
+        if not m:
             raise ValueError("must look like HH:MM:SS or D-HH:MM:SS")
+        minutes, seconds = (m.group(3), m.group(4)) if m.group(1) else (m.group(6), m.group(7))
+        if int(minutes or 0) > 59 or int(seconds or 0) > 59:
+            raise ValueError("minutes and seconds must be 00-59")
+        if not any(int(x) for x in m.groups() if x):
+            raise ValueError("must be more than zero (Slurm reads 0 as no limit)")
         return v
 
     @field_validator("extra_sbatch")
@@ -282,6 +290,15 @@ class SlurmSpec(_Section):
         for line in v:
             _one_line(line, "a setup line")
         return v
+
+    @model_validator(mode="after")
+    def _signal_before_end(self) -> "SlurmSpec":
+        if self.signal_seconds >= self.time_seconds():
+            raise ValueError(
+                f"slurm.signal_seconds: {self.signal_seconds} s must be less than slurm.time "
+                f"({self.time} = {self.time_seconds()} s), or the checkpoint signal comes before the job starts working"
+            )
+        return self
 
     def time_seconds(self) -> int:
         days, _, rest = self.time.rpartition("-")

@@ -145,6 +145,12 @@ CASES = [
          "lora.target_modules", "lora:", "must be 'all-linear' or a list"),
     Case("target_modules_item", sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: [q_proj, 7]}"),
          "lora.target_modules.1", "lora:", "must be a string"),
+    # Slurm reads a bare "MM:SS", so "00:20" is 20 seconds there (orch read 20 minutes): only unambiguous forms
+    Case("time_minutes_seconds_form", sub('time: "00:10:00"', 'time: "00:20"'), "slurm.time", "time:", "HH:MM:SS"),
+    Case("time_61_minutes", sub('time: "00:10:00"', 'time: "00:61:00"'), "slurm.time", "time:", "00-59"),
+    Case("time_zero", sub('time: "00:10:00"', 'time: "0:00:00"'), "slurm.time", "time:", "more than zero"),
+    Case("signal_after_time_limit", sub('time: "00:10:00"', 'time: "00:04:00"'), "slurm.signal_seconds", "slurm:",
+         "300 s must be less than slurm.time (00:04:00 = 240 s)"),
     # cross-field rules
     Case("nvme_without_path", BASE + "strategy: zero3_offload_optimizer_nvme\n", "hardware.nvme_path", "hardware:", "NVMe"),
     Case("single_gpu_with_2_gpus", sub("gpu_memory_gb: 4", "gpu_memory_gb: 4\n  gpus_per_node: 2") + "strategy: single_gpu\n",
@@ -491,3 +497,10 @@ def test_problem_list_is_capped(workdir: Path) -> None:
         spec.load_job("job.yaml")
     assert len(exc.value.problems) == spec.MAX_PROBLEMS + 1
     assert exc.value.problems[-1] == "job.yaml: (top level): 480 more problems not shown"
+
+
+@pytest.mark.parametrize("text, seconds", [("00:20:00", 1200), ("2-00:00:00", 172800), ("1-12", 129600),
+                                           ("1-12:30", 131400), ("100:00:00", 360000)])
+def test_slurm_time_seconds(text: str, seconds: int) -> None:
+    # Slurm's forms: D-HH = days and hours; D-HH:MM; HH:MM:SS. 1-12:30 = 86400 + 12*3600 + 30*60 = 131400.
+    assert spec.SlurmSpec(time=text).time_seconds() == seconds
