@@ -257,38 +257,87 @@ def _with(job: JobSpec, section: str, **changes) -> JobSpec:
     return job.model_copy(update={section: getattr(job, section).model_copy(update=changes)})
 
 
-def suggest(job: JobSpec, shape: ModelShape) -> str:
-    """The cheapest single change that makes some strategy fit, as an override the user can paste.
+def _levers(job: JobSpec) -> list[list[tuple[str, str, dict]]]:
+    """Changes to try, cheapest lever first; each lever lists its values from mild to strong.
 
-    Tried in order of cost to the user: chunked loss (free), smaller micro
-    batch (same global batch, more accumulation), gradient checkpointing (~30%
-    slower), QLoRA (different method), more GPUs per node, more nodes.
+    Each value is (override text, section, field changes). Chunked loss is free;
+    a smaller micro batch keeps the global batch (more accumulation);
+    checkpointing costs ~30% compute; QLoRA changes the method; more GPUs and
+    nodes cost hardware.
     """
-    tries: list[tuple[str, JobSpec]] = []
-    t = job.training
+    t, hw = job.training, job.hardware
+    levers: list[list[tuple[str, str, dict]]] = []
     if t.loss_chunk_tokens == 0:
-        tries.append(("training.loss_chunk_tokens=4096", _with(job, "training", loss_chunk_tokens=4096)))
+        levers.append([("training.loss_chunk_tokens=4096", "training", {"loss_chunk_tokens": 4096})])
+    sizes = []
     mb = t.micro_batch_size // 2
     while mb >= 1:
-        tries.append((f"training.micro_batch_size={mb}", _with(job, "training", micro_batch_size=mb)))
+        sizes.append((f"training.micro_batch_size={mb}", "training", {"micro_batch_size": mb}))
         mb //= 2
+    if sizes:
+        levers.append(sizes)
     if not t.gradient_checkpointing:
-        tries.append(("training.gradient_checkpointing=true", _with(job, "training", gradient_checkpointing=True)))
+        levers.append([("training.gradient_checkpointing=true", "training", {"gradient_checkpointing": True})])
     if job.method != "qlora":
-        tries.append(("method=qlora", _with(job, "", method="qlora")))
-    hw = job.hardware
+        levers.append([("method=qlora", "", {"method": "qlora"})])
+    gpus = []
     g = hw.gpus_per_node
     while g < 8:
         g *= 2
-        tries.append((f"hardware.gpus_per_node={g}", _with(job, "hardware", gpus_per_node=g)))
-    for nodes in (hw.nodes * 2, hw.nodes * 4, hw.nodes * 8):
-        tries.append((f"hardware.nodes={nodes}", _with(job, "hardware", nodes=nodes, gpus_per_node=max(g, hw.gpus_per_node))))
-    for override, changed in tries:
-        best = _best(_candidates(changed, shape))
-        if best is not None:
-            return (f"try {override}: then {best.strategy} fits ({best.estimate.total / GIB:.1f} of "
-                    f"{gpu_budget(changed) / GIB:.1f} GiB per GPU)")
-    return "nothing tried fits (smaller micro batch, checkpointing, QLoRA, up to 8x the nodes): use GPUs with more memory or a smaller model"
+        gpus.append((f"hardware.gpus_per_node={g}", "hardware", {"gpus_per_node": g}))
+    if gpus:
+        levers.append(gpus)
+    levers.append([(f"hardware.nodes={hw.nodes * k}", "hardware", {"nodes": hw.nodes * k}) for k in (2, 4, 8)])
+    return levers
+
+
+def _fit_message(override: str, changed: JobSpec, best: Candidate) -> str:
+    return (f"try {override}: then {best.strategy} fits ({best.estimate.total / GIB:.1f} of "
+            f"{gpu_budget(changed) / GIB:.1f} GiB per GPU)")
+
+
+def suggest(job: JobSpec, shape: ModelShape) -> str:
+    """The cheapest change that makes some strategy fit, as overrides the user can paste.
+
+    First every single change on its own, cheapest lever first; if none is
+    enough, the levers are combined cumulatively (each lever left at its
+    strongest value before the next is added).
+    """
+    levers = _levers(job)
+    for lever in levers:
+        for override, section, changes in lever:
+            changed = _with(job, section, **changes)
+            best = _best(_candidates(changed, shape))
+            if best is not None:
+                return _fit_message(override, changed, best)
+    # Combine: leave each lever at its strongest value and add the next; once something fits,
+    # relax the earlier levers back to their mildest values that still fit.
+    chosen: list[tuple[int, int]] = []  # (lever index, value index)
+
+    def build(picks: list[tuple[int, int]]) -> JobSpec:
+        changed = job
+        for li, vi in picks:
+            _, section, changes = levers[li][vi]
+            changed = _with(changed, section, **changes)
+        return changed
+
+    for li, lever in enumerate(levers):
+        for vi in range(len(lever)):
+            picks = chosen + [(li, vi)]
+            if _best(_candidates(build(picks), shape)) is None:
+                continue
+            for k, (lj, vj) in enumerate(picks[:-1]):
+                for milder in range(vj):
+                    trial = picks[:k] + [(lj, milder)] + picks[k + 1:]
+                    if _best(_candidates(build(trial), shape)) is not None:
+                        picks = trial
+                        break
+            changed = build(picks)
+            best = _best(_candidates(changed, shape))
+            return _fit_message(" ".join(levers[a][b][0] for a, b in picks), changed, best)  # type: ignore[arg-type]
+        chosen.append((li, len(lever) - 1))
+    return ("nothing tried fits (micro batch 1, checkpointing, QLoRA, 8x the nodes together): "
+            "use GPUs with more memory or a smaller model")
 
 
 def resolve_strategy(job: JobSpec) -> str:
