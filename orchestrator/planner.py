@@ -12,6 +12,7 @@ Pure and import-light: no torch, so `orch plan` answers in well under a second.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -417,9 +418,9 @@ def render_table(job: JobSpec, result: Plan) -> str:
     lines.append(row("rel. speed", [f"{c.tokens_per_s / max(x.tokens_per_s for x in cands):.2f}" for c in cands]))
     lines.append("")
     if result.chosen:
-        lines.append(f"chosen: {result.chosen} (*). {result.reason}")
+        lines.append(textwrap.fill(f"chosen: {result.chosen} (*). {result.reason}", 100, subsequent_indent="  "))
     else:
-        lines.append(f"NO FIT. {result.reason}")
+        lines.append(textwrap.fill(f"NO FIT. {result.reason}", 100, subsequent_indent="  "))
         if result.suggestion:
-            lines.append(f"suggestion: {result.suggestion}")
+            lines.append(textwrap.fill(f"suggestion: {result.suggestion}", 100, subsequent_indent="  "))
     return "\n".join(lines)
