@@ -258,8 +258,10 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
     optimizer fp32 master copies + fp32 exp_avg/exp_avg_sq (16 B per trainable
     param in fp32 state). Sharding by ZeRO stage over W ranks:
 
-    * stage 0 (single_gpu, DeepSpeed's bf16 wrapper): nothing sharded; the step
-      builds a flat fp32 gradient (4 B/param) and Adam makes one fp32 temporary.
+    * stage 0 (single_gpu: DeepSpeed's FP16_UnfusedOptimizer in bf16, since
+      torch AdamW is not FusedAdam): nothing sharded; per-param fp32 master
+      clones; the step casts every grad to fp32 (4 B/param) and torch's foreach
+      Adam makes one fp32 temporary.
     * stage 2: params whole; grads, master, moments 1/W; the step makes the fp32
       gradient of the partition. Frozen params are plain module params (whole).
     * stage 3: everything 1/W, frozen and 4-bit params included (the bnb quant
@@ -449,9 +451,9 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
     decoder layer exists in model.dtype until its linears are quantized
     (cal.load_temp_layers layers). DeepSpeed init then adds the fp32 master
     partition (Adam moments are created lazily at the first step), and:
-    stage 0 clones the bf16 trainable params into one flat buffer (2 x d/param
-    transiently); stage 2 flattens via the CPU (no GPU copy); stage 3 allocates
-    its flat bf16 gradient partition. Under ZeRO-3 the model is whole on every
+    stage 0 (DeepSpeed's unfused bf16 wrapper around torch AdamW) clones each
+    trainable param to fp32 and nothing else; stage 2 flattens via the CPU (no
+    GPU copy); stage 3 allocates its flat bf16 gradient partition. Under ZeRO-3 the model is whole on every
     rank before initialize partitions it (ZERO3_LOADS_FULL_MODEL), so the load
     peak is the unsharded model.
     """
@@ -464,9 +466,7 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
         temp = int(cal.load_temp_layers * shape.layer_linear_params() * d)
     resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
     master = states.gpu["master_weights"]
-    if stage == 0:
-        return resident + temp + master + 2 * counts.trainable * d
-    if stage == 2:
+    if stage in (0, 2):
         return resident + temp + master
     full_model = dense + packed + consts + counts.lora * d + temp
     sharded = resident + master + states.gpu["gradients"]

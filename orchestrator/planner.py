@@ -95,7 +95,8 @@ class Plan:
     reason: str = ""
     """One sentence: why this strategy (or why none)."""
     suggestion: str = ""
-    """When nothing fits: the cheapest change that makes something fit."""
+    """When nothing fits: the cheapest change that makes something fit; when something does and fewer
+    nodes would do, that hint."""
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +249,18 @@ def plan(job: JobSpec) -> Plan:
     else:
         why = f"{best.strategy} is the fastest valid strategy and fits ({best.estimate.total / GIB:.1f} of " \
               f"{gpu_budget(job) / GIB:.1f} GiB per GPU)."
-    return Plan(best.strategy, cands, why)
+    return Plan(best.strategy, cands, why, fewer_nodes_hint(job, shape))
+
+
+def fewer_nodes_hint(job: JobSpec, shape: ModelShape) -> str:
+    """When the job also fits on fewer nodes, say so: inter-node links are the slowest part of a step."""
+    for nodes in range(1, job.hardware.nodes):
+        smaller = _with(job, "hardware", nodes=nodes)
+        best = _best(_candidates(smaller, shape))
+        if best is not None:
+            return (f"it also fits on {nodes} node(s) (hardware.nodes={nodes}, {best.strategy}): fewer nodes "
+                    f"avoid inter-node traffic and free the rest")
+    return ""
 
 
 def _with(job: JobSpec, section: str, **changes) -> JobSpec:
@@ -419,6 +431,8 @@ def render_table(job: JobSpec, result: Plan) -> str:
     lines.append("")
     if result.chosen:
         lines.append(textwrap.fill(f"chosen: {result.chosen} (*). {result.reason}", 100, subsequent_indent="  "))
+        if result.suggestion:
+            lines.append(textwrap.fill(f"note: {result.suggestion}", 100, subsequent_indent="  "))
     else:
         lines.append(textwrap.fill(f"NO FIT. {result.reason}", 100, subsequent_indent="  "))
         if result.suggestion:

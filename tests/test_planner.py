@@ -74,6 +74,14 @@ def test_fewer_nodes_are_faster():
     assert planner.tokens_per_second(one, "zero3", shape) > planner.tokens_per_second(two, "zero3", shape)
 
 
+def test_fewer_nodes_hint():
+    job = load("llama8b_qlora_24gb.yaml", "hardware.gpu=H100-80GB", "hardware.nodes=2", "hardware.gpus_per_node=8")
+    result = planner.plan(job)
+    assert result.chosen is not None
+    assert "hardware.nodes=1" in result.suggestion
+    assert planner.plan(load("llama8b_qlora_24gb.yaml")).suggestion == ""
+
+
 def test_70b_lora_rejects_zero2(monkeypatch):
     job = load("llama70b.yaml")
     result = planner.plan(job)
