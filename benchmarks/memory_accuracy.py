@@ -142,14 +142,18 @@ def make_job(cfg: Config, run_dir: Path, data_path: Path) -> JobSpec:
 
 
 def write_data(path: Path, job: JobSpec) -> None:
-    """Synthetic text filling every row of every step (byte-level tokenizer: ~1 token per byte)."""
+    """Synthetic text filling every row of every step (byte-level tokenizer: ~1 token per byte).
+
+    Examples are short (10-40 words, ~60-250 tokens), so every packed row holds
+    several and transformers builds the block-diagonal mask the model assumes.
+    """
     need = job.training.micro_batch_size * job.hardware.world_size * job.data.seq_len * (job.training.max_steps + 2) * 2
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "memory", "tensor", "layer", "token", "model", "shard"]
     with path.open("w") as f:
         written = 0
         while written < need:
-            text = " ".join(rng.choice(words) for _ in range(400))
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))
             f.write(json.dumps({"text": text}) + "\n")
             written += len(text)
 

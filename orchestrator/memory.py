@@ -355,6 +355,22 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     return int(per_token * tokens)
 
 
+def attention_mask_bytes(job: JobSpec) -> int:
+    """The 4D mask transformers builds once per forward for packed rows, shared by all layers.
+
+    Rows with several packed examples restart position_ids, so transformers
+    materializes a block-diagonal causal mask of micro_batch x seq x seq: bool
+    for sdpa, model dtype for eager. flash_attention_2 uses varlen indices
+    instead. (Rows holding a single example get no mask at all: is_causal; the
+    model assumes packing, the common case, which is the larger.)
+    """
+    attn = job.model.attn_implementation
+    if attn == "flash_attention_2":
+        return 0
+    per = 1 if attn == "sdpa" else DTYPE_BYTES[job.model.dtype]
+    return job.training.micro_batch_size * job.data.seq_len * job.data.seq_len * per
+
+
 def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> tuple[int, int]:
     """(saved activations at the start of backward, largest per-layer transient on top of them).
 
@@ -362,14 +378,15 @@ def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRA
     the gradients of the layer being back-propagated. With HF non-reentrant
     checkpointing only each layer's input (d*h per token) is kept; during
     backward one layer is recomputed at a time, so its full activations plus
-    its gradients are the transient. Both add the final norm's saved tensors.
+    its gradients are the transient. Both add the final norm's saved tensors
+    and the shared attention mask.
     """
     t = job.training
     tokens = t.micro_batch_size * job.data.seq_len
     d = DTYPE_BYTES[job.model.dtype]
     h = shape.hidden_size
     layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal)
-    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens)
+    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job)
     if t.gradient_checkpointing:
         saved = shape.num_hidden_layers * d * h * tokens + final_norm
         transient = int(layer * (1 + cal.backward_transient))

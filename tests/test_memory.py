@@ -136,13 +136,20 @@ def test_layer_activations_eager_and_flash():
 
 def test_activation_bytes_checkpointing():
     layer = 3072 * 256
-    final_norm = (4 + 2) * 64 * 256
+    # final norm (4+2)*64 per token, plus the packed-rows bool mask 4 x 64 x 64 shared by all layers
+    final_norm = (4 + 2) * 64 * 256 + 4 * 64 * 64
     saved, transient = memory.activation_bytes(job(), TINY, CAL)
     assert saved == 2 * layer + final_norm
     assert transient == layer // 2
     saved, transient = memory.activation_bytes(job("training.gradient_checkpointing=true"), TINY, CAL)
     assert saved == 2 * 2 * 64 * 256 + final_norm  # each layer's bf16 input only
     assert transient == layer * 3 // 2  # one layer recomputed + its gradients
+
+
+def test_attention_mask():
+    assert memory.attention_mask_bytes(job()) == 4 * 64 * 64  # bool, micro batch x seq x seq
+    assert memory.attention_mask_bytes(job("model.attn_implementation=eager")) == 4 * 64 * 64 * 2
+    assert memory.attention_mask_bytes(job("model.attn_implementation=flash_attention_2")) == 0
 
 
 def test_logits_loss():
@@ -170,12 +177,13 @@ def test_estimate_whole_tiny_qlora():
     e = memory.estimate(job(), "single_gpu", CAL, TINY)
     # resident: weights 131712 + 4bit 46080 + consts 16784 + lora 37376 + grads 37376 + master 74752
     #           + moments 149504 + fixed 1000 = 494584
-    # forward/backward: saved 2*786432 + 98304 = 1671168; loss 12*512*256 = 1572864 > layer transient 393216;
-    #                   dequant 22528 -> 3266560 (> step temp 149504)
+    # forward/backward: saved 2*786432 + final norm 98304 + mask 16384 = 1687552;
+    #                   loss 12*512*256 = 1572864 > layer transient 393216;
+    #                   dequant 22528 -> 3282944 (> step temp 149504)
     assert e.phase == "forward_backward"
-    assert e.breakdown["activations"] == 1671168
+    assert e.breakdown["activations"] == 1687552
     assert e.breakdown["logits_loss"] == 1572864
-    assert e.peak_allocated == 494584 + 3266560
+    assert e.peak_allocated == 494584 + 3282944
     assert sum(e.breakdown.values()) == e.peak_allocated
     # load: resident weights 131712+46080+16784+37376 + one bf16 layer 46080*2 + fp32 master 74752 + fixed 1000
     assert e.load_peak == 231952 + 92160 + 74752 + 1000
