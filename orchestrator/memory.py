@@ -81,9 +81,11 @@ class Calibration:
     """torch AdamW (foreach) allocates one fp32 temporary the size of the flat partition (sqrt(v)+eps)."""
     load_temp_layers: float = 1.0
     """While building/loading, one decoder layer exists in model.dtype before it is quantized (qlora)."""
-    zero3_live_fraction: float = 1.0
+    zero3_live_fraction: float = 0.5
     """Fraction of stage3_max_reuse_distance elements ZeRO-3 keeps gathered at the forward/backward
-    turn (params whose next use is within the reuse distance are not released)."""
+    turn. DeepSpeed (partitioned_param_coordinator.__params_to_release) keeps a module's params when
+    they reappear within max_reuse_distance elements of upcoming modules; a layer's forward-to-backward
+    distance is about twice the params after it, so about half the window stays gathered."""
 
 
 CALIBRATION = Calibration()
@@ -440,10 +442,10 @@ def zero3_live_param_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: 
     """Params ZeRO-3 holds gathered at the forward/backward turn.
 
     After a module's forward, ZeRO-3 releases its params unless their next use
-    is within stage3_max_reuse_distance elements -- true for the last layers and
-    lm_head, whose backward follows right away -- so up to that many elements
-    (1e9 in orch's config) stay gathered, capped by the model itself; plus one
-    prefetch bucket in flight. 4-bit weights are gathered in their storage
+    is within stage3_max_reuse_distance elements of upcoming modules -- true for
+    the last layers and lm_head, whose backward follows right away -- so about
+    cal.zero3_live_fraction x that many elements (1e9 in orch's config) stay
+    gathered, capped by the model itself; plus one prefetch bucket in flight. 4-bit weights are gathered in their storage
     elements (numel/2 bytes), the rest in model dtype.
     """
     if ZERO_STAGE[strategy] != 3:
