@@ -66,8 +66,9 @@ class Calibration:
     # --- activations (bytes per token per decoder layer = sum of the terms below; see layer_activation_bytes)
     norm_fp32_copies: float = 1.0
     """HF RMSNorm upcasts its input to fp32 and keeps it for backward (pow and mul save it): 4h per norm."""
-    mlp_intermediates: float = 4.0
-    """SwiGLU saves gate out (silu input), silu out, up out and the product (down_proj input): 4 x i."""
+    mlp_intermediates: float = 3.0
+    """SwiGLU saves gate out (silu input), silu out and up out (mul saves both factors): 3 x i. The
+    product (down_proj input) is counted with the linear inputs."""
     backward_transient: float = 0.5
     """Gradient tensors alive while one layer runs backward, as a fraction of that layer's saved
     activations (grads of the i-sized MLP intermediates dominate: ~2 of the 4 live at once)."""
@@ -312,48 +313,63 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
 # Activations
 
 
+# Linear layers grouped by the tensor they read: a group's input is saved once if any reader saves it.
+INPUT_GROUPS = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),  # input_layernorm output
+    "attn_out": ("o_proj",),  # attention output, transposed contiguous
+    "mlp_in": ("gate_proj", "up_proj"),  # post_attention_layernorm output
+    "mlp_mid": ("down_proj",),  # silu(gate) * up
+}
+
+
 def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION) -> int:
     """Bytes one decoder layer saves for backward, for ``tokens`` tokens in sequences of ``seq_len``.
 
-    Per token (d = model dtype bytes, h hidden, q = heads x head_dim, kv = kv heads x head_dim, i ffn):
+    Per token (d = model dtype bytes, h hidden, q = heads x head_dim, i ffn):
 
-    * 2 RMSNorms: fp32 copy of the input (4h each, saved by pow/mul) + the
-      normalized output in model dtype (d*h, input of the next linears);
-      full finetune also saves the pre-weight normalized tensor (d*h) for the
-      norm weight's gradient.
-    * attention inputs after RoPE: q (d*q) and k, v. The trainer passes packed
-      rows, so transformers builds a 4D mask; sdpa with a mask does not use its
-      GQA path, so k and v are repeat_kv-expanded to q heads before being saved
-      (2*d*q). Output (d*q) + logsumexp (fp32 per head) saved by sdpa, and the
-      contiguous transposed output saved by o_proj (d*q).
-    * the mask: sdpa turns the bool mask into an additive mask in model dtype
-      per call and saves it: d * seq_len per token (a seq x seq matrix per
-      sequence). eager: fp32 softmax output + its model-dtype copy, per head:
-      (4 + d) * heads * seq_len per token.
-    * SwiGLU MLP: cal.mlp_intermediates x d*i.
-    * LoRA: A's output (d*r) per adapted module; with dropout > 0 each module
-      has its own dropout, saving its output (d*in) and a bool mask (1*in).
+    * 2 RMSNorms: the fp32 copy of the input (4h each, saved by pow and mul);
+      full finetune also saves the normalized tensor (d*h each) for the norm
+      weight's gradient.
+    * attention: q after RoPE (d*q); k and v repeat_kv-expanded to q heads
+      (2*d*q: packed rows carry a 4D mask and sdpa with a mask skips its GQA
+      path); sdpa's output (d*q) and logsumexp (fp32 per head). sdpa converts
+      the bool mask to an additive mask in model dtype per call and saves it
+      (d * seq_len per token); eager instead saves fp32 softmax + its
+      model-dtype copy per head ((4 + d) * heads * seq_len); flash: neither.
+    * SwiGLU: gate output, silu output, up output (cal.mlp_intermediates x d*i).
+    * linear inputs (INPUT_GROUPS): a frozen base linear saves nothing (torch
+      saves the input only for a weight gradient; bnb's MatMul4Bit keeps just
+      the packed weight). So a group's input (d*in) is saved for full finetunes,
+      and for LoRA only when an adapted module reads it without dropout
+      (lora_A saves its input). With dropout > 0 each adapted module saves its
+      own dropout output (d*in) and bool mask (1*in) instead.
+    * LoRA: A's output (d*r) per adapted module, saved by B.
     """
     d = DTYPE_BYTES[job.model.dtype]
     h, q, i = shape.hidden_size, shape.q_dim, shape.intermediate_size
     heads = shape.num_attention_heads
-    per_token = 2 * (cal.norm_fp32_copies * FP32 * h + d * h)
-    if job.method == "full":
-        per_token += 2 * d * h
-    per_token += d * q + 2 * d * q  # q, expanded k and v
-    per_token += d * q + FP32 * heads + d * q  # sdpa out + lse, o_proj input
+    per_token = 2 * cal.norm_fp32_copies * FP32 * h
+    per_token += 3 * d * q + d * q + FP32 * heads  # q, expanded k and v; sdpa output + lse
     attn = job.model.attn_implementation
     if attn == "eager":
         per_token += (FP32 + d) * heads * seq_len
     elif attn == "sdpa":
         per_token += d * seq_len
-    # flash_attention_2: varlen kernel, no mask and no score matrix.
     per_token += cal.mlp_intermediates * d * i
-    if job.method != "full":
+    linears = shape.linear_shapes()
+    if job.method == "full":
+        per_token += 2 * d * h  # norm weight gradients
+        per_token += sum(d * linears[group[0]][0] for group in INPUT_GROUPS.values())
+    else:
         targets = lora_targets(job, shape)
         per_token += len(targets) * d * job.lora.r
-        if job.lora.dropout > 0:
-            per_token += sum((d + 1) * fin for fin, _ in targets.values())
+        for group in INPUT_GROUPS.values():
+            adapted = [m for m in group if m in targets]
+            width = linears[group[0]][0]
+            if job.lora.dropout > 0:
+                per_token += len(adapted) * (d + 1) * width
+            elif adapted:
+                per_token += d * width
     return int(per_token * tokens)
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = PRESETS["tiny-llama"]
 CAL = Calibration(
     allocator_slack=0.1, cuda_context_bytes=500, nccl_bytes=300, fixed_allocated_bytes=1000, host_process_bytes=7000,
-    norm_fp32_copies=1.0, mlp_intermediates=4.0, backward_transient=0.5, loss_bytes_per_logit=12.0,
+    norm_fp32_copies=1.0, mlp_intermediates=3.0, backward_transient=0.5, loss_bytes_per_logit=12.0,
     dequant_copies=1.0, adam_temp_copies=1.0, load_temp_layers=1.0, zero3_live_fraction=1.0,
 )
 
@@ -117,14 +117,19 @@ def test_fp32_model_has_no_master_copy():
 
 
 def test_layer_activations_sdpa():
-    # per token: norms 2*(4*64 + 2*64) = 768; q + expanded k,v 3*2*64 = 384;
-    # sdpa out 128 + lse 4*4=16 + o_proj input 128 = 272; mask 2*seq = 128; MLP 4*2*176 = 1408;
+    # per token: norm fp32 copies 2*4*64 = 512; q + expanded k,v 3*2*64 = 384; sdpa out 2*64 = 128;
+    # lse 4*4 = 16; mask 2*seq = 128; MLP gate/silu/up 3*2*176 = 1056;
+    # linear inputs read by LoRA A (no dropout): norm1 out 128 + attn out 128 + norm2 out 128 + product 352 = 736;
     # LoRA A outputs 7*2*8 = 112  -> 3072 bytes/token; 4 x 64 tokens = 256
     assert memory.layer_activation_bytes(job(), TINY, 256, 64, CAL) == 3072 * 256
-    # dropout > 0: each adapted module saves dropout output (2*in) + mask (1*in):
-    # in = 64 for q,k,v,gate,up (5*64), 64 for o, 176 for down -> 3*560 = 1680
-    assert memory.layer_activation_bytes(job("lora.dropout=0.1"), TINY, 256, 64, CAL) == (3072 + 1680) * 256
-    # full finetune: +2*2*64 for the norm weights' inputs, no LoRA terms
+    # dropout > 0: the group inputs (736) are not saved; each adapted module saves its dropout output
+    # (2*in) + bool mask (1*in): 3*(64*3 [q,k,v] + 64 [o] + 64*2 [gate,up] + 176 [down]) = 3*560 = 1680
+    assert memory.layer_activation_bytes(job("lora.dropout=0.1"), TINY, 256, 64, CAL) == (3072 - 736 + 1680) * 256
+    # LoRA on q and v only, no dropout: only norm1's output is read by an adapter (-128-128-352 = -608),
+    # and 5 fewer LoRA A outputs (-5*16 = -80)
+    only_qv = job("lora.target_modules=[q_proj, v_proj]")
+    assert memory.layer_activation_bytes(only_qv, TINY, 256, 64, CAL) == (3072 - 608 - 80) * 256
+    # full finetune: every linear input saved (736), +2*2*64 for the norm weights, no LoRA terms
     assert memory.layer_activation_bytes(job("method=full"), TINY, 256, 64, CAL) == (3072 - 112 + 256) * 256
 
 
