@@ -183,6 +183,11 @@ class TrainingSpec(_Section):
     max_steps: Optional[int] = Field(None, ge=1, le=MAX_COUNT, description="Optimizer steps to run. Give max_steps or epochs.")
     epochs: Optional[float] = Field(None, gt=0, le=10000, description="Passes over the data set. Give max_steps or epochs.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds model init (random weights), data shuffling and dropout.")
+    loss_chunk_tokens: int = Field(
+        4096, ge=0, le=16_777_216,
+        description="Tokens per chunk of LM head + cross-entropy (each chunk recomputed in backward), so fp32 logits "
+        "for the whole vocabulary exist for one chunk only; 0 computes all logits at once (more memory).",
+    )
     save_every: int = Field(0, ge=0, le=MAX_COUNT, description="Checkpoint every N optimizer steps (0: only at the end).")
     output_dir: str = Field("runs/{name}", description="Where checkpoints, adapters and metrics go; {name} is the job name made safe for paths.")
 
