@@ -16,7 +16,8 @@
 #   * ProctrackType=proctrack/pgid: linuxproc leaked children of a batch script
 #     that exited from a trap.
 #   * AuthInfo cred_expire=5: a requeued job runs again after ~6 s, not 121 s.
-#   * Partitions debug (default) and gpu, so example jobs naming `gpu` validate.
+#   * Partitions debug (default) and gpu, and node features a100,h100,ib, so
+#     scripts generated for real clusters (partition=gpu, --constraint) validate.
 # Idempotent: a running cluster with the same config is left alone.
 # Needs root (munged, slurmd, mknod). Environment:
 #   ORCH_SLURM_DIR   state dir (default /tmp/orch-slurm)
@@ -105,7 +106,7 @@ ReturnToService=2
 MinJobAge=600
 SchedulerParameters=sched_interval=2
 MpiDefault=none
-NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17002 CPUs=128 RealMemory=2097152 Gres=gpu:8 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17002 CPUs=128 RealMemory=2097152 Gres=gpu:8 Feature=a100,h100,ib State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES OverSubscribe=FORCE:4 MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=n[1-2] Default=NO OverSubscribe=FORCE:4 MaxTime=INFINITE State=UP
 EOF
