@@ -23,9 +23,11 @@ SIGUSR1 to the batch shell only. Its trap forwards SIGUSR1 to srun, which
 delivers it to every process of the step on every node. The launcher processes
 (runner, launch) inherit SIG_IGN for USR1 from the task shell, so they keep
 running; each trainer rank installs its own SIGUSR1 handler (which replaces the
-inherited SIG_IGN), saves a checkpoint at the next step boundary and exits.
-When the step has ended, the batch shell runs ``scontrol requeue`` and the rerun
-(SLURM_RESTART_COUNT > 0) passes ``--resume``.
+inherited SIG_IGN), saves a checkpoint at the next step boundary and exits with
+status 75; the node task turns that into a mark file (and exit 0, so that
+srun's --kill-on-bad-exit leaves the other nodes alone); the batch shell sees
+the mark when srun ends, runs ``scontrol requeue`` and the rerun (SLURM_RESTART_COUNT > 0) passes ``--resume``. A
+trainer that finished all its steps before the signal exits 0: no requeue.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from orchestrator.spec import JobSpec
 PORT_BASE = 20000
 PORT_SPAN = 20000
 
+# The trainer's exit status after it saved a checkpoint because of SIGUSR1/SIGTERM
+# (EX_TEMPFAIL; orchestrator.train.EXIT_REQUEUE): the batch script requeues on it.
+EXIT_REQUEUE = 75
+
 
 @dataclass(frozen=True)
 class SbatchPaths:
@@ -51,7 +57,7 @@ class SbatchPaths:
     ds_config: str
     """The DeepSpeed JSON the trainer passes to deepspeed.initialize."""
     log_dir: str
-    """Folder for the Slurm log (stdout and stderr of the batch script) and the DeepSpeed hostfile.
+    """Folder for the Slurm log (stdout and stderr of the batch script), the DeepSpeed hostfile and the requeue mark.
     Must be on a file system shared by all nodes; `orch submit` creates it."""
     python: str = "python3"
     """Python interpreter that has orch and DeepSpeed installed, as found after the setup lines."""
@@ -133,12 +139,15 @@ def environment(job: JobSpec) -> list[tuple[str, str]]:
 # fork); the trainer ranks install their own handler.
 _NODE_TASK = (
     'trap "" USR1; '
-    'exec "$ORCH_PYTHON" -u -m deepspeed.launcher.runner '
+    '"$ORCH_PYTHON" -u -m deepspeed.launcher.runner '
     '--hostfile "$ORCH_HOSTFILE" --no_ssh '
     '--num_nodes "$SLURM_JOB_NUM_NODES" --node_rank "$SLURM_NODEID" '
     '--num_gpus "$ORCH_GPUS_PER_NODE" '
     '--master_addr "$ORCH_MASTER_ADDR" --master_port "$ORCH_MASTER_PORT" '
-    '--module "$ORCH_MODULE" --job "$ORCH_JOB_YAML" --ds-config "$ORCH_DS_CONFIG" ${ORCH_RESUME:+--resume}'
+    '--module "$ORCH_MODULE" --job "$ORCH_JOB_YAML" --ds-config "$ORCH_DS_CONFIG" ${ORCH_RESUME:+--resume}; '
+    # 75 = checkpoint written, requeue me: leave a mark and exit 0, so that
+    # srun --kill-on-bad-exit does not kill the other nodes while they save.
+    f'rc=$?; if [ "$rc" -eq {EXIT_REQUEUE} ]; then : > "$ORCH_REQUEUE_MARK"; rc=0; fi; exit "$rc"'
 )
 
 
@@ -172,6 +181,8 @@ def render_sbatch(job: JobSpec, strategy: str, paths: SbatchPaths) -> str:
         f"export ORCH_DS_CONFIG={q(paths.ds_config)}",
         f"export ORCH_GPUS_PER_NODE={hw.gpus_per_node}",
         f"ORCH_LOG_DIR={q(paths.log_dir)}",
+        'export ORCH_REQUEUE_MARK="$ORCH_LOG_DIR/requeue-$SLURM_JOB_ID"',
+        'rm -f "$ORCH_REQUEUE_MARK"',
         "",
         "# Rendezvous: the first node of the allocation is the master; the port is",
         "# derived from the job id so jobs sharing a node do not collide.",
@@ -210,8 +221,10 @@ def render_sbatch(job: JobSpec, strategy: str, paths: SbatchPaths) -> str:
         '  kill -0 "$orch_srun_pid" 2>/dev/null || break',
         "done",
         'rm -f "$ORCH_HOSTFILE"',
-        'if [[ "$orch_preempted" == 1 ]]; then',
-        '  echo "orch: requeueing job $SLURM_JOB_ID (trainer exit $orch_rc)" >&2',
+        f"# A trainer that wrote a checkpoint on USR1/TERM exits {EXIT_REQUEUE}; its node task left the mark.",
+        'if [[ -f "$ORCH_REQUEUE_MARK" ]]; then',
+        '  rm -f "$ORCH_REQUEUE_MARK"',
+        '  echo "orch: checkpoint written (USR1 received: $orch_preempted); requeueing job $SLURM_JOB_ID" >&2',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "  exit 0",
         "fi",

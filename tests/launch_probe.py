@@ -5,7 +5,7 @@ exactly like orchestrator.train. It does a real torch.distributed gloo
 all-reduce over all ranks and writes what it saw to
 ``<training.output_dir>/probe/run<restart>-rank<r>.json``. With
 ORCH_PROBE_WAIT_USR1=1 (and no --resume) it waits for SIGUSR1 like a trainer
-waiting for a step boundary, then writes a marker and exits 0.
+waiting for a step boundary, then writes a marker and exits 75 like the trainer after its checkpoint.
 """
 
 import argparse
@@ -60,7 +60,8 @@ def main() -> int:
         with open(os.path.join(out, f"usr1-rank{rank}"), "w") as f:
             f.write(str(bool(got_usr1)))
     dist.destroy_process_group()
-    return 0
+    # Like the trainer: 75 = "checkpoint written after SIGUSR1, requeue me".
+    return 75 if got_usr1 else 0
 
 
 if __name__ == "__main__":

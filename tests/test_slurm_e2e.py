@@ -126,7 +126,7 @@ def test_usr1_checkpoints_requeues_and_resumes_the_trainer(slurm_env, tmp_path):
     state = wait_for_job(job_id, env, timeout=900)
     text = log.read_text()
     assert state == "COMPLETED", text[-5000:]
-    assert "requeueing job" in text and "restart 1" in text, text[-5000:]
+    assert "checkpoint written (USR1 received: 1); requeueing job" in text and "restart 1" in text, text[-5000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 200
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]

@@ -93,5 +93,5 @@ def test_usr1_checkpoint_signal_reaches_ranks_and_requeues(slurm_env, tmp_path):
     assert state == "COMPLETED", log[-4000:]
     assert (run / "probe" / "usr1-rank0").read_text() == "True"
     assert (run / "probe" / "usr1-rank1").read_text() == "True"
-    assert "requeueing job" in log and "(trainer exit 0)" in log, log[-4000:]
+    assert "checkpoint written (USR1 received: 1); requeueing job" in log, log[-4000:]
     assert all(r["resume"] is True and "--resume" in r["argv"] for r in read_ranks(run, 1))
