@@ -66,8 +66,8 @@ def test_submit_tiny_two_nodes_trains_to_the_last_step(slurm_env, tmp_path):
 def test_submit_local_tiny_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
-    proc = orch(["submit", "jobs/tiny.yaml", "--local", "strategy=zero2", "hardware.gpus_per_node=2",
-                 "training.max_steps=4", "training.save_every=0", f"training.output_dir={run}", "--out", str(tmp_path)], env)
+    proc = orch(["submit", "jobs/tiny.yaml", "strategy=zero2", "hardware.gpus_per_node=2", "training.max_steps=4",
+                 "training.save_every=0", f"training.output_dir={run}", "--local", "--out", str(tmp_path)], env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["world_size"] == 2
