@@ -259,4 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy imported as orchestrator.cli, not this __main__ one: other modules
+    # raise orchestrator.cli.OrchError, which must be the class main() catches.
+    from orchestrator.cli import main as _main
+
+    sys.exit(_main())
