@@ -19,9 +19,16 @@
 #   * Partitions debug (default) and gpu, and node features a100,h100,ib, so
 #     scripts generated for real clusters (partition=gpu, --constraint) validate.
 # Idempotent: a running cluster with the same config is left alone.
-# Needs root (munged, slurmd, mknod). Environment:
+# Needs root (munged, slurmd, mknod, /etc/hosts), or passwordless sudo. Environment:
 #   ORCH_SLURM_DIR   state dir (default /tmp/orch-slurm)
 set -euo pipefail
+
+# Daemons, mknod and /etc/hosts need root: rerun under passwordless sudo (CI runners).
+if [[ $(id -u) != 0 ]]; then
+  if sudo -n true 2>/dev/null; then exec sudo -n -E bash "$0" "$@"; fi
+  echo "local-slurm: needs root (or passwordless sudo)" >&2
+  exit 3
+fi
 
 DIR=${ORCH_SLURM_DIR:-/tmp/orch-slurm}
 CONF="$DIR/slurm.conf"
@@ -44,7 +51,7 @@ pid_alive() {
 
 stop() {
   if [[ -f "$CONF" ]] && command -v scancel >/dev/null && pid_alive "$DIR/slurmctld.pid"; then
-    scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+    scancel --full --quiet --user="${SUDO_USER:-$(id -un)}" 2>/dev/null || true
     sleep 1
   fi
   for f in "$DIR"/slurmd-n*.pid "$DIR/slurmctld.pid"; do
