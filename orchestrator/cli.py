@@ -51,6 +51,13 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides, e.g. training.micro_batch_size=4")
 
 
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=".", help="folder that receives ds_configs/ and slurm/ (default: current folder)")
+    p.add_argument("--portable", action="store_true",
+                   help="keep paths relative to the current folder and run python3 (reproducible outputs, e.g. the committed examples)")
+    p.add_argument("--python", default=None, help="Python the batch script runs (default: this orch's interpreter; python3 with --portable)")
+
+
 def _load(args: argparse.Namespace, for_training: bool = False):
     from orchestrator.spec import SpecError, load_job
 
@@ -110,13 +117,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return Exit.OK if result.chosen else Exit.NO_FIT
 
 
+def compile_options(args: argparse.Namespace):
+    from orchestrator.compiler import CompileOptions
+
+    return CompileOptions(portable=args.portable, python=args.python)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from orchestrator import compiler
 
     job = _load(args)
-    for path in compiler.compile_job(job, args.out):
+    for path in compiler.write(build_compiled(job, args)):
         print(f"wrote {path}")
     return Exit.OK
+
+
+def build_compiled(job, args: argparse.Namespace):
+    """Compile in memory (nothing written), with failures as one-line errors."""
+    from orchestrator import compiler, planner
+
+    try:
+        return compiler.build(job, args.out, compile_options(args))
+    except planner.NoFitError as exc:
+        raise OrchError(f"{args.job}: no strategy fits: {exc}", Exit.NO_FIT) from None
+    except compiler.CompileError as exc:
+        raise OrchError(f"{args.job}: {exc}", Exit.BAD_SPEC) from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -181,12 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compile", cmd_compile, "write the DeepSpeed config and the Slurm script for the chosen strategy",
             "orch compile jobs/llama8b_full.yaml --out build/")
     _job_args(p)
-    p.add_argument("--out", default=".", help="folder that receives ds_configs/ and slurm/ (default: current folder)")
+    _compile_args(p)
 
     p = add("submit", cmd_submit, "compile, then submit with sbatch (or train here with --local)",
             "orch submit jobs/tiny.yaml --local")
     _job_args(p)
-    p.add_argument("--out", default=".", help="folder that receives ds_configs/ and slurm/ (default: current folder)")
+    _compile_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan summary and the script, submit nothing")
     p.add_argument("--local", action="store_true", help="run the trainer on this machine through the deepspeed launcher (GPUs if present, else CPU)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
@@ -234,4 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy imported as orchestrator.cli, not this __main__ one: other modules
+    # raise orchestrator.cli.OrchError, which must be the class main() catches.
+    from orchestrator.cli import main as _main
+
+    sys.exit(_main())

@@ -44,11 +44,23 @@ def bucket_sizes(shape: ModelShape) -> dict[str, int]:
     without holding more than a layer's worth of extra memory.
     """
     h = shape.hidden_size
+    layer = shape.layer_linear_params() + shape.layer_other_params()
+    # ZeRO-3 keeps at most this many gathered parameters alive: at least two
+    # decoder layers (the one computing and the one being prefetched), so the
+    # prefetch never has to wait for a release; 1e9 (DeepSpeed's default) where
+    # that is larger, since small models gain nothing from releasing early.
+    live = max(1_000_000_000, 2 * layer)
+    # NVMe parameter swapping needs a buffer that holds the largest single
+    # parameter (the embedding or lm_head for most models, vocab x hidden).
+    largest = max(shape.vocab_size * h, shape.hidden_size * shape.intermediate_size)
     return {
         "reduce_bucket_size": h * h,
         "allgather_bucket_size": max(h * h, 50_000_000),
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
         "stage3_param_persistence_threshold": 10 * h,
+        "stage3_max_live_parameters": live,
+        "stage3_max_reuse_distance": live,
+        "nvme_param_buffer_size": max(100_000_000, largest),
     }
 
 
@@ -97,8 +109,8 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
         zero.update(
             stage3_prefetch_bucket_size=buckets["stage3_prefetch_bucket_size"],
             stage3_param_persistence_threshold=buckets["stage3_param_persistence_threshold"],
-            stage3_max_live_parameters=1_000_000_000,
-            stage3_max_reuse_distance=1_000_000_000,
+            stage3_max_live_parameters=buckets["stage3_max_live_parameters"],
+            stage3_max_reuse_distance=buckets["stage3_max_reuse_distance"],
             # orch saves LoRA adapters by gathering only adapter params, and full
             # models through the ZeRO checkpoint: no 16-bit gather of the whole model.
             stage3_gather_16bit_weights_on_model_save=False,
@@ -111,7 +123,7 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
             if key == "offload_optimizer":
                 zero[key]["buffer_count"] = 4
             else:
-                zero[key].update(buffer_count=5, buffer_size=max(100_000_000, shape.hidden_size * shape.intermediate_size))
+                zero[key].update(buffer_count=5, buffer_size=buckets["nvme_param_buffer_size"])
 
     steps = total_steps if total_steps is not None else (t.max_steps or 1)
     optimizer_params: dict = {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}
@@ -141,6 +153,10 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
         "tensorboard": {"enabled": False},
         "csv_monitor": {"enabled": False},
     }
+    if "nvme" in (opt_dev, param_dev):
+        # Async I/O for NVMe swapping: 1 MiB requests, 8 in flight per thread
+        # (DeepSpeed's defaults, written out so the file says what runs).
+        config["aio"] = {"block_size": 1_048_576, "queue_depth": 8, "single_submit": False, "overlap_events": True}
     dtype = job.model.dtype
     if dtype == "bf16":
         config["bf16"] = {"enabled": True}

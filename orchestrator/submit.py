@@ -1,0 +1,176 @@
+"""`orch submit` / `status` / `cancel` / `logs`: hand compiled jobs to Slurm, or run them here.
+
+* ``orch submit JOB``: compile, create the log folder, ``sbatch --parsable``;
+  prints the Slurm job id and the log path.
+* ``--dry-run``: compile in memory and print the plan summary and the script;
+  nothing is written or submitted.
+* ``--local``: compile, then run the same trainer on this machine through the
+  deepspeed launcher with ``--num_gpus hardware.gpus_per_node``: GPU ranks when
+  CUDA is there, else that many CPU processes (DeepSpeed picks its CPU
+  accelerator by itself).
+
+Secrets (WANDB_API_KEY, HF_TOKEN) are never written anywhere: sbatch passes the
+submitting environment to the job (Slurm's default --export=ALL), and the local
+launcher inherits it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.spec import JobSpec
+
+
+def _cli():
+    # Late import: cli imports this module lazily too.
+    from orchestrator import cli
+
+    return cli
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        cli = _cli()
+        raise cli.OrchError(f"{tool} not found on PATH: run on a Slurm login node, or use --local to train here",
+                            cli.Exit.SUBMIT_FAILED)
+    return path
+
+
+def _run_slurm(argv: list[str]) -> str:
+    """Run a Slurm client; its error becomes one line."""
+    cli = _cli()
+    _need(argv[0])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
+        raise cli.OrchError(f"{argv[0]} failed: {msg}", cli.Exit.SUBMIT_FAILED)
+    return proc.stdout
+
+
+def plan_summary(compiled) -> str:
+    job: JobSpec = compiled.job
+    t, hw = job.training, job.hardware
+    return "\n".join([
+        f"job:       {job.name} ({job.method}, {job.model.name})",
+        f"strategy:  {compiled.strategy}",
+        f"hardware:  {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks",
+        f"batch:     {t.micro_batch_size} per GPU x {job.grad_accum()} accumulation x {hw.world_size} = {t.global_batch_size}",
+        f"ds config: {compiled.files['ds_config']}",
+        f"script:    {compiled.files['sbatch']}",
+        f"job spec:  {compiled.files['job_yaml']}",
+        f"logs:      {compiled.paths.log_dir}",
+    ])
+
+
+def submit(job: JobSpec, args: argparse.Namespace) -> int:
+    cli = _cli()
+    compiled = cli.build_compiled(job, args)
+    if args.dry_run:
+        print(plan_summary(compiled))
+        print()
+        print(compiled.sbatch, end="")
+        return cli.Exit.OK
+    if args.local:
+        return run_local(compiled, resume=args.resume)
+    from orchestrator import compiler
+
+    _need("sbatch")
+    compiler.write(compiled)
+    Path(compiled.paths.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it
+    out = _run_slurm(["sbatch", "--parsable", str(compiled.files["sbatch"])])
+    job_id = out.strip().split(";")[0]
+    from orchestrator.slurm import log_file
+
+    print(f"submitted job {job_id}")
+    print(f"log: {log_file(compiled.job, compiled.paths, job_id)}")
+    return cli.Exit.OK
+
+
+def local_command(compiled, resume: bool, port: int) -> list[str]:
+    """The deepspeed launcher command for a one-node run here (argv, no shell)."""
+    hw = compiled.job.hardware
+    cmd = [
+        compiled.paths.python, "-u", "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(hw.gpus_per_node), "--master_port", str(port),
+        "--module", compiled.paths.module,
+        "--job", str(compiled.files["job_yaml"]), "--ds-config", str(compiled.files["ds_config"]),
+    ]
+    return cmd + (["--resume"] if resume else [])
+
+
+def run_local(compiled, resume: bool) -> int:
+    cli = _cli()
+    from orchestrator import compiler
+
+    if compiled.job.hardware.nodes != 1:
+        raise cli.OrchError(f"--local runs on this one machine: set hardware.nodes=1 (got {compiled.job.hardware.nodes})",
+                            cli.Exit.BAD_SPEC)
+    compiler.write(compiled)
+    # A port per process id: two local runs do not collide, and no socket probing.
+    port = 29500 + os.getpid() % 1000
+    cmd = local_command(compiled, resume, port)
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise cli.OrchError(f"training failed (launcher exit status {rc}); see the output above", cli.Exit.TRAIN_FAILED)
+    return cli.Exit.OK
+
+
+def status(args: argparse.Namespace) -> int:
+    fmt = "%.18i %.9P %.40j %.8T %.10M %.6D %R"
+    argv = ["squeue", "-o", fmt]
+    argv += ["-j", args.job_id] if args.job_id else ["-u", os.environ.get("USER") or str(os.getuid())]
+    print(_run_slurm(argv), end="")
+    return _cli().Exit.OK
+
+
+def cancel(args: argparse.Namespace) -> int:
+    _job_field(args.job_id, "JobState")  # scancel exits 0 for an unknown job id; scontrol does not
+    _run_slurm(["scancel", args.job_id])
+    print(f"cancelled {args.job_id}")
+    return _cli().Exit.OK
+
+
+def _job_field(job_id: str, field: str) -> str | None:
+    """A field of `scontrol show job`. Path fields (StdOut) sit alone on their
+    line, so a path with spaces is read whole; other fields are space-separated."""
+    out = _run_slurm(["scontrol", "show", "job", job_id])
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith(field + "=") and field in ("StdOut", "StdErr", "Command", "WorkDir"):
+            return line[len(field) + 1:]
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep and key == field:
+                return value
+    return None
+
+
+def logs(args: argparse.Namespace) -> int:
+    cli = _cli()
+    path = _job_field(args.job_id, "StdOut")
+    if not path:
+        raise cli.OrchError(f"job {args.job_id}: Slurm reports no log path", cli.Exit.ERROR)
+    log = Path(path)
+    if not log.exists():
+        raise cli.OrchError(f"job {args.job_id}: log {path} does not exist yet (job pending?)", cli.Exit.ERROR)
+    with log.open("r", errors="replace") as f:
+        sys.stdout.write(f.read())
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+                continue
+            state = _job_field(args.job_id, "JobState")
+            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
+                break
+            time.sleep(1)
+    return cli.Exit.OK
