@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from _slurm import REPO, slurm_env  # noqa: F401
-from golden_cases import CASES
+from tests._slurm import REPO, slurm_env  # noqa: F401
+from tests.golden_cases import CASES
 from orchestrator import compiler, planner
 from orchestrator.cli import main as orch_main
 from orchestrator.compiler import CompileOptions

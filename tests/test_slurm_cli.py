@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _slurm import REPO, slurm_env, wait_for_job  # noqa: F401
+from tests._slurm import REPO, slurm_env, wait_for_job  # noqa: F401
 
 pytestmark = pytest.mark.slurm
 
