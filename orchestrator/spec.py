@@ -169,6 +169,7 @@ class TrainingSpec(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    loss_chunk_tokens: int = Field(4096, ge=0, description="Tokens per chunk of the LM head + cross-entropy; 0 computes full-vocabulary logits at once.")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run. Give max_steps or epochs.")
     epochs: Optional[float] = Field(None, gt=0, le=10000, description="Passes over the data set. Give max_steps or epochs.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds model init (random weights), data shuffling and dropout.")
