@@ -236,8 +236,6 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> 
     sharded = ZERO_STAGE[strategy] == 3
     config = hf_config(job)
     quant = bnb_settings(job, sharded) if job.method == "qlora" else None
-    if quant is not None and quant["quant_storage"] not in (torch.uint8, torch_dtype(job.model.dtype)) and job.model.dtype != "fp32":
-        pass  # storage fp32 under bf16 is refused by bnb_settings only when sharded; unsharded it is harmless
     if job.model.weights == "random":
         model, nquant = build_random(job, config, device, quant, seed)
     else:
@@ -254,7 +252,9 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> 
     if job.training.gradient_checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs (no
         # enable_input_require_grads hack), with ZeRO-3 hooks and with kwargs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if job.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

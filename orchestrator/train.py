@@ -60,6 +60,14 @@ class RankMemory:
     """Peak resident set size of the process (ru_maxrss), all phases."""
     cpu_rss_after_load: Optional[int] = None
     """Resident set size right after load + engine init."""
+    params_bytes_local: Optional[int] = None
+    """Bytes of model parameters this rank holds after engine init (its ZeRO-3 partition, or everything)."""
+    params_bytes_full: Optional[int] = None
+    """Bytes of all model parameters, unpartitioned."""
+    quantized_bytes_local: Optional[int] = None
+    """Of params_bytes_local: the packed 4-bit weights (qlora)."""
+    quantized_bytes_full: Optional[int] = None
+    """Of params_bytes_full: the packed 4-bit weights (qlora)."""
 
 
 def _free_port() -> int:
@@ -214,6 +222,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
         self.memory = RankMemory(rank=self.rank)
         self.memory.cpu_rss_after_load = _rss()
+        self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
+            self.memory.quantized_bytes_full = param_bytes(self.module)
         if self.cuda:
             torch.cuda.synchronize()
             self.memory.load_peak_allocated = torch.cuda.max_memory_allocated()
@@ -478,6 +488,21 @@ def next_strategy(job, strategy: str) -> Optional[str]:
     if strategy in order and order.index(strategy) + 1 < len(order):
         return order[order.index(strategy) + 1]
     return None
+
+
+def param_bytes(module) -> tuple[int, int, int, int]:
+    """(local, full, quantized local, quantized full) parameter bytes; ZeRO-3 keeps ``ds_tensor`` (this rank's part)."""
+    local = full = q_local = q_full = 0
+    for p in module.parameters():
+        size = p.element_size()
+        n_full = getattr(p, "ds_numel", p.numel())
+        n_local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        local += n_local * size
+        full += n_full * size
+        if type(p).__name__ == "Params4bit":
+            q_local += n_local * size
+            q_full += n_full * size
+    return local, full, q_local, q_full
 
 
 def render_summary(s: dict) -> str:
