@@ -253,8 +253,10 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> 
         # Non-reentrant checkpointing: works with frozen inputs (no
         # enable_input_require_grads hack), with ZeRO-3 hooks and with kwargs.
         # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if job.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
