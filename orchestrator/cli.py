@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--export-hf", action="store_true", help="method full: also write <output_dir>/hf_model (Hugging Face folder)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = add("status", cmd_status, "show Slurm jobs submitted by orch", "orch status")

@@ -242,7 +242,8 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> 
         from transformers import AutoModelForCausalLM
 
         kwargs: dict = dict(dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
-                            device_map={"": device}, local_files_only=True)
+                            # this rank's GPU by index (never "auto", which would spread or pile onto GPU 0)
+                            device_map={"": device.index if device.type == "cuda" else "cpu"}, local_files_only=True)
         if quant is not None:
             kwargs["quantization_config"] = bnb_config(job, sharded)
         model = AutoModelForCausalLM.from_pretrained(job.model.name, **kwargs)

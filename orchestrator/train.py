@@ -91,14 +91,16 @@ def _peak_rss() -> int:
 class Trainer:
     """One training run on one rank."""
 
-    def __init__(self, job, strategy: str, ds_config_path: Optional[str], resume: bool):
+    def __init__(self, job, strategy: str, ds_config_path: Optional[str], resume: bool, export_hf: bool = False):
         self.job = job
+        self.export_hf = export_hf
         self.strategy = strategy
         self.ds_config_path = ds_config_path
         self.resume = resume
         self.out = job.output_dir()
         self.stop_requested = False
         self.step = 0
+        self.saved_step = -1
         self.last_loss: Optional[float] = None
         self.tokens_per_s: Optional[float] = None
 
@@ -242,7 +244,7 @@ class Trainer:
             client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method != "qlora")
         except C.CheckpointError as exc:
             raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
-        self.step = int(client["step"])
+        self.step = self.saved_step = int(client["step"])
         if self.is_main:
             print(f"orch: resumed from {info.path} at step {self.step}", file=sys.stderr)
 
@@ -371,6 +373,7 @@ class Trainer:
         client = {"step": self.step, "data_position": self.step * self.batcher.global_batch,
                   "seed": self.job.training.seed, "world_size": self.world}
         C.save(self.engine, self.ckpt_root, self.step, client, self.rank, self.world, self.strategy, self.barrier)
+        self.saved_step = self.step
         if self.job.method != "full":
             self.save_adapter()
 
@@ -400,11 +403,49 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         self.barrier()
 
+    def export_hf_model(self) -> Optional[Path]:
+        """Full finetune -> a Hugging Face model folder ``<output_dir>/hf_model`` (model.dtype weights).
+
+        Under ZeRO-3 the parameters are gathered one at a time onto rank 0's CPU,
+        so the GPU never holds more than one whole parameter; rank 0 needs the
+        whole model in host RAM.
+        """
+        import shutil
+
+        import deepspeed
+
+        if self.job.method != "full":
+            if self.is_main:
+                print("orch: --export-hf is for method full; LoRA adapters are in adapter/ (PEFT format)", file=sys.stderr)
+            return None
+        base = self.loaded.base
+        state = {}
+        for name, p in base.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                if self.is_main:
+                    state[name] = p.detach().to("cpu", copy=True)
+        target = self.out / "hf_model"
+        if self.is_main:
+            tmp = self.out / "hf_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            base.config.use_cache = True  # for inference; training turned it off
+            base.save_pretrained(str(tmp), state_dict=state)
+            base.config.use_cache = False
+            self.tok.save_pretrained(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            print(f"orch: exported {target}", file=sys.stderr)
+        self.barrier()
+        return target
+
     # ------------------------------------------------------------------ finish
 
     def finish(self) -> dict:
         torch = self.torch
-        self.save()
+        if self.saved_step != self.step:  # not when resumed from the final checkpoint (e.g. only to export)
+            self.save()
+        if self.export_hf:
+            self.export_hf_model()
         mem = self.memory
         if self.cuda:
             mem.peak_allocated = torch.cuda.max_memory_allocated()
@@ -570,7 +611,7 @@ def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
 # entry points
 
 
-def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool) -> int:
+def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool, export_hf: bool = False) -> int:
     from orchestrator.spec import SpecError, load_job
 
     try:
@@ -587,7 +628,7 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
         except planner.NoFitError as exc:
             print(f"orch: error: {exc}", file=sys.stderr)
             return 3
-    trainer = Trainer(job, strategy, ds_config, resume)
+    trainer = Trainer(job, strategy, ds_config, resume, export_hf)
     try:
         trainer.setup()
         trainer.train()
@@ -595,6 +636,12 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
         return EXIT_OK
     except TrainError as exc:
         print(f"orch: error: {exc}", file=sys.stderr)
+        if exc.code == EXIT_TRAIN_FAILED and getattr(trainer, "world", 1) > 1:
+            # the other ranks may be blocked in a collective: leave now (the
+            # launcher stops them) instead of hanging in destroy_process_group
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(exc.code)
         return exc.code
     finally:
         if hasattr(trainer, "dist"):
@@ -607,18 +654,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--export-hf", action="store_true",
+                   help="method full: also write <output_dir>/hf_model (a Hugging Face model folder) at the end; "
+                        "with --resume after the last step, only exports")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args.job, args.overrides, args.ds_config, args.resume)
+    return run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
 
 
 def main_from_cli(args: argparse.Namespace) -> int:
     """`orch train JOB [key=value ...]`: the same run in this process."""
-    return run(args.job, args.overrides, getattr(args, "ds_config", None), getattr(args, "resume", False))
+    return run(args.job, args.overrides, getattr(args, "ds_config", None), getattr(args, "resume", False),
+               getattr(args, "export_hf", False))
 
 
 if __name__ == "__main__":
