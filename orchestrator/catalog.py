@@ -159,28 +159,51 @@ def load_config_json(folder: Path) -> ModelShape:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
-        heads = int(raw["num_attention_heads"])
-        rope = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        hidden = _size(raw, "hidden_size", path)
+        heads = _size(raw, "num_attention_heads", path)
+        kv_heads = _size(raw, "num_key_value_heads", path) if raw.get("num_key_value_heads") is not None else heads
+        head_dim = _size(raw, "head_dim", path) if raw.get("head_dim") is not None else 0
+        if not head_dim and hidden % heads:
+            raise ValueError(f"{path}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and no head_dim given)")
+        if heads % kv_heads:
+            raise ValueError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        rope_parameters = raw.get("rope_parameters")
+        rope = raw.get("rope_theta") or (rope_parameters.get("rope_theta") if isinstance(rope_parameters, dict) else None) or 10000.0
         return ModelShape(
             model_type=model_type,
-            hidden_size=int(raw["hidden_size"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=_size(raw, "intermediate_size", path),
+            num_hidden_layers=_size(raw, "num_hidden_layers", path),
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            vocab_size=int(raw["vocab_size"]),
+            num_key_value_heads=kv_heads,
+            vocab_size=_size(raw, "vocab_size", path),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-            head_dim=int(raw.get("head_dim") or 0),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 8192)),
+            head_dim=head_dim,
+            max_position_embeddings=_size(raw, "max_position_embeddings", path) if "max_position_embeddings" in raw else 8192,
             rope_theta=float(rope),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             source=str(path),
         )
-    except KeyError as exc:
-        raise ValueError(f"{path} lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+
+
+# Larger than any real model dimension; keeps a typo (or a hostile file) from
+# producing shapes whose byte counts make no sense.
+MAX_DIM = 1 << 24
+
+
+def _size(raw: dict, key: str, path: Path) -> int:
+    """A positive integer field of config.json. int() would silently truncate
+    64.7 to 64 and accept 0 or -64 (0 heads later divides by zero)."""
+    if key not in raw:
+        raise ValueError(f"{path} lacks {key!r}")
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not 1 <= value <= MAX_DIM:
+        raise ValueError(f"{path}: {key} must be a whole number from 1 to {MAX_DIM}, got {value!r}")
+    return int(value)
 
 
 def has_weights(folder: Path) -> bool:
@@ -221,6 +244,16 @@ class ModelInfo:
 
     def __post_init__(self) -> None:
         self.params = self.shape.num_params()
+
+
+def format_params(n: int) -> str:
+    """A parameter count for people: 8.03B, 70.55B; M below a billion so the
+    tiny demo model reads 0.15M rather than 0.00B."""
+    if n >= 10**9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 10**6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e6:.3f}M"
 
 
 def model_table() -> list[ModelInfo]:

@@ -75,7 +75,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from orchestrator.catalog import model_table
+    from orchestrator.catalog import format_params, model_table
 
     rows = model_table()
     if args.json:
@@ -84,7 +84,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'preset':<13} {'params':>8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>5} {'kv':>3} {'vocab':>7}  tied")
     for r in rows:
         s = r.shape
-        print(f"{r.name:<13} {r.params / 1e9:>7.2f}B {s.num_hidden_layers:>6} {s.hidden_size:>6} {s.intermediate_size:>6} "
+        print(f"{r.name:<13} {format_params(r.params):>8} {s.num_hidden_layers:>6} {s.hidden_size:>6} {s.intermediate_size:>6} "
               f"{s.num_attention_heads:>5} {s.num_key_value_heads:>3} {s.vocab_size:>7}  {'yes' if s.tie_word_embeddings else 'no'}")
     return Exit.OK
 

@@ -5,6 +5,7 @@ errors. Every error is one line that names the field path, the bad value, what
 is allowed and, where known, the YAML line::
 
     jobs/x.yaml:14: training.micro_batch_size: got -1; must be >= 1
+    jobs/x.yaml (override 'training.lr=2'): training.lr: got 2; must be <= 1.0
 
 Relative paths in a spec (data files, model folder, output dir, NVMe path) are
 relative to the directory orch is run from, like other training tools; the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -38,8 +39,15 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 PositiveInt = Annotated[int, Field(ge=1)]
 
 # Printable text on one line: no control characters (newlines would break
-# generated scripts and one-line errors).
-_ONE_LINE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+# generated scripts and one-line errors). C1 controls (U+0080-U+009F, NEL among
+# them) and U+2028/U+2029 count too: Python's splitlines() breaks lines there.
+# Used with fullmatch: `$` alone would let one trailing newline through.
+_ONE_LINE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]*")
+
+# Upper bound for step counts and similar integers: far beyond any real run,
+# and it keeps values inside the 32-bit ints that schedulers and Slurm use
+# (an unbounded int from YAML such as 10**30 would pass validation otherwise).
+MAX_COUNT = 2**31 - 1
 
 
 class SpecError(Exception):
@@ -52,11 +60,14 @@ class SpecError(Exception):
 
 class _Section(BaseModel):
     # strict: "4" is not an int, 1.5 is not an int; YAML already gives real types.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+    # allow_inf_nan=False: `.nan` and `.inf` are YAML floats; without this a NaN
+    # fails a bound check with a misleading message (nan is not <= 10000) or, for
+    # unbounded fields (max_grad_norm, alpha's upper side), passes.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True, allow_inf_nan=False)
 
 
 def _one_line(value: str, what: str) -> str:
-    if not _ONE_LINE.match(value):
+    if not _ONE_LINE.fullmatch(value):
         raise ValueError(f"{what} must be one line of printable text")
     return value
 
@@ -166,14 +177,18 @@ class TrainingSpec(_Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: much less memory, ~30% more compute.")
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    loss_chunk_tokens: int = Field(4096, ge=0, description="Tokens per chunk of the LM head + cross-entropy; 0 computes full-vocabulary logits at once.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run. Give max_steps or epochs.")
+    max_steps: Optional[int] = Field(None, ge=1, le=MAX_COUNT, description="Optimizer steps to run. Give max_steps or epochs.")
     epochs: Optional[float] = Field(None, gt=0, le=10000, description="Passes over the data set. Give max_steps or epochs.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds model init (random weights), data shuffling and dropout.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only at the end).")
+    loss_chunk_tokens: int = Field(
+        4096, ge=0, le=16_777_216,
+        description="Tokens per chunk of LM head + cross-entropy (each chunk recomputed in backward), so fp32 logits "
+        "for the whole vocabulary exist for one chunk only; 0 computes all logits at once (more memory).",
+    )
+    save_every: int = Field(0, ge=0, le=MAX_COUNT, description="Checkpoint every N optimizer steps (0: only at the end).")
     output_dir: str = Field("runs/{name}", description="Where checkpoints, adapters and metrics go; {name} is the job name made safe for paths.")
 
     @field_validator("output_dir")
@@ -238,7 +253,7 @@ class SlurmSpec(_Section):
     account: Optional[str] = Field(None, description="Slurm account (-A).")
     qos: Optional[str] = Field(None, description="Slurm QOS.")
     time: str = Field("24:00:00", description="Time limit, [D-]HH:MM:SS.")
-    mem_gb: Optional[int] = Field(None, ge=1, description="Host memory to request per node in GiB (default: hardware.host_ram_gb).")
+    mem_gb: Optional[int] = Field(None, ge=1, le=1_048_576, description="Host memory to request per node in GiB (default: hardware.host_ram_gb).")
     extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--exclusive', '--constraint=h100'].")
     setup: list[str] = Field([], description="Shell lines run before launch (module load, conda activate). Trusted: they run as written.")
     signal_seconds: int = Field(300, ge=10, le=86400, description="Seconds before the time limit at which Slurm tells orch to checkpoint.")
@@ -253,8 +268,16 @@ class SlurmSpec(_Section):
     @field_validator("time")
     @classmethod
     def _time(cls, v: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", v):
+        # Only forms that Slurm and time_seconds() read the same way: Slurm takes a bare
+        # "MM:SS" as minutes:seconds, so "00:20" would be 20 seconds there, 20 minutes here.
+        m = re.fullmatch(r"(\d{1,3})-(\d{1,2})(?::(\d{2})(?::(\d{2}))?)?|(\d{1,4}):(\d{2}):(\d{2})", v)
+        if not m:
             raise ValueError("must look like HH:MM:SS or D-HH:MM:SS")
+        minutes, seconds = (m.group(3), m.group(4)) if m.group(1) else (m.group(6), m.group(7))
+        if int(minutes or 0) > 59 or int(seconds or 0) > 59:
+            raise ValueError("minutes and seconds must be 00-59")
+        if not any(int(x) for x in m.groups() if x):
+            raise ValueError("must be more than zero (Slurm reads 0 as no limit)")
         return v
 
     @field_validator("extra_sbatch")
@@ -273,6 +296,15 @@ class SlurmSpec(_Section):
             _one_line(line, "a setup line")
         return v
 
+    @model_validator(mode="after")
+    def _signal_before_end(self) -> "SlurmSpec":
+        if self.signal_seconds >= self.time_seconds():
+            raise ValueError(
+                f"slurm.signal_seconds: {self.signal_seconds} s must be less than slurm.time "
+                f"({self.time} = {self.time_seconds()} s), or the checkpoint signal comes before the job starts working"
+            )
+        return self
+
     def time_seconds(self) -> int:
         days, _, rest = self.time.rpartition("-")
         parts = [int(x) for x in rest.split(":")]
@@ -288,7 +320,7 @@ class LoggingSpec(_Section):
     )
     wandb_project: str = Field("orch", description="wandb project.")
     wandb_entity: Optional[str] = Field(None, description="wandb entity (team or user).")
-    log_every: int = Field(1, ge=1, description="Log loss, memory and throughput every N optimizer steps.")
+    log_every: int = Field(1, ge=1, le=MAX_COUNT, description="Log loss, memory and throughput every N optimizer steps.")
 
     @field_validator("wandb_project", "wandb_entity")
     @classmethod
@@ -302,12 +334,12 @@ class JobSpec(_Section):
     """A whole finetuning job."""
 
     name: str = Field(min_length=1, max_length=128, description="Job name: shown in Slurm and logs; file names use a path-safe form of it.")
-    model: ModelSpec
+    model: ModelSpec = Field(description="The model to finetune: preset or local folder, weights, dtype.")
     method: Literal["qlora", "lora", "full"] = Field(description="qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: all weights trained.")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA settings (qlora and lora).")
     quantization: QuantizationSpec = Field(QuantizationSpec(), description="4-bit settings (qlora).")
-    data: DataSpec
-    training: TrainingSpec
+    data: DataSpec = Field(description="Training data: files, format, sequence length.")
+    training: TrainingSpec = Field(description="Batch sizes, optimizer and length of training.")
     hardware: HardwareSpec = Field(HardwareSpec(), description="What the job runs on.")
     strategy: Literal["auto", Strategy] = Field(  # type: ignore[valid-type]
         "auto", description="'auto' lets the planner choose the fastest strategy that fits; or force one."
@@ -376,25 +408,49 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def _line_map(node: yaml.Node, prefix: tuple = (), out: Optional[dict] = None) -> dict[tuple, int]:
-    """Map each key path to the 1-based YAML line where it appears."""
+# YAML 1.1 (PyYAML) reads 3e-4 and 1e5 as strings: a float needs a dot there.
+# People write learning rates as 3e-4, so also resolve YAML 1.2 exponent floats.
+_NoAliasLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _line_map(node: yaml.Node, prefix: tuple = (), out: Optional[dict] = None,
+              duplicates: Optional[list] = None) -> dict[tuple, int]:
+    """Map each key path to the 1-based YAML line where it appears.
+
+    ``duplicates`` collects (path, first_line, line) for keys given twice in one
+    mapping: YAML loaders silently keep the last one, which hides typos such as
+    two ``training:`` sections.
+    """
     out = {} if out is None else out
     if isinstance(node, yaml.MappingNode):
+        seen: set = set()
         for key, value in node.value:
-            path = prefix + (key.value,)
-            out[path] = key.start_mark.line + 1
-            _line_map(value, path, out)
+            key_value = key.value if isinstance(key, yaml.ScalarNode) else repr(key.value)
+            path = prefix + (key_value,)
+            if key_value in seen and duplicates is not None:
+                duplicates.append((path, out[path], key.start_mark.line + 1))
+            else:
+                out[path] = key.start_mark.line + 1
+            seen.add(key_value)
+            _line_map(value, path, out, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[prefix + (i,)] = item.start_mark.line + 1
-            _line_map(item, prefix + (i,), out)
+            _line_map(item, prefix + (i,), out, duplicates)
     return out
 
 
 @dataclass
 class _Source:
     label: str
+    """What error lines start with: the job file's path."""
     lines: dict[tuple, int]
+    """Key path -> 1-based YAML line."""
+    overrides: dict[tuple, str] = field(default_factory=dict)
+    """Key path -> the `key=value` override that set it (errors there name the override, not a file line)."""
 
 
 MAX_SPEC_BYTES = 1_000_000
@@ -419,10 +475,39 @@ def read_yaml(path: Path) -> tuple[dict, _Source]:
     return parse_yaml_text(text, str(path))
 
 
+def _load_yaml_value(text: str) -> Any:
+    """yaml.load without aliases. Raises yaml.YAMLError, or ValueError for an
+    integer literal longer than Python's int-parsing limit (4300 digits)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
+MAX_FLOW_DEPTH = 64
+"""Deepest [ ] / { } nesting accepted. Real specs use 1-2 levels; PyYAML parses
+recursively, and a file of thousands of '[' costs about a second before it hits
+Python's recursion limit. Counting brackets first rejects such files at once
+(brackets inside quoted strings count too: harmless at this limit)."""
+
+
+def _too_deep(text: str) -> Optional[int]:
+    """The 1-based line where [ / { nesting first exceeds MAX_FLOW_DEPTH, or None."""
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return text.count("\n", 0, m.start()) + 1
+        else:
+            depth = max(depth - 1, 0)
+    return None
+
+
 def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
+    deep_line = _too_deep(text)
+    if deep_line is not None:
+        raise SpecError([f"{label}:{deep_line}: YAML nested too deeply (more than {MAX_FLOW_DEPTH} levels of [ or {{)"])
     try:
         node = yaml.compose(text, Loader=_NoAliasLoader)
-        data = yaml.load(text, Loader=_NoAliasLoader) if node is not None else None
+        data = _load_yaml_value(text) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -430,21 +515,40 @@ def parse_yaml_text(text: str, label: str) -> tuple[dict, _Source]:
         raise SpecError([f"{label}{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
     except RecursionError:
         raise SpecError([f"{label}: YAML nested too deeply"]) from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors fail with plain Python errors
+        # int() of > 4300 digits raises ValueError; `!!timestamp x` raises AttributeError
+        # inside PyYAML. Either way the file holds a value YAML cannot build.
+        raise SpecError([f"{label}: invalid YAML value ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})"]) from None
     if not isinstance(data, dict):
         raise SpecError([f"{label}: expected a mapping of sections (name, model, method, data, training, ...), got {type(data).__name__}"])
-    return data, _Source(label, _line_map(node))
+    duplicates: list = []
+    try:
+        lines = _line_map(node, duplicates=duplicates)
+    except RecursionError:
+        raise SpecError([f"{label}: YAML nested too deeply"]) from None
+    if duplicates:
+        raise SpecError([
+            f"{label}:{line}: {_path_text(path)}: duplicate key (first given on line {first})"
+            for path, first, line in duplicates
+        ])
+    return data, _Source(label, lines)
+
+
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides; the value is parsed as YAML (so 4 is an int, true a bool)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        if not sep or not key or not _OVERRIDE_KEY.fullmatch(key):
             raise SpecError([f"override {item!r}: expected dotted.key=value, e.g. training.micro_batch_size=4"])
         try:
-            value = yaml.load(raw, Loader=_NoAliasLoader) if raw.strip() else raw
+            value = _load_yaml_value(raw) if raw.strip() else raw
         except yaml.YAMLError:
-            value = raw
+            value = raw  # not YAML (e.g. "a: b: c"): keep the text; validation judges it
+        except Exception:  # noqa: BLE001 - as in parse_yaml_text: huge ints, bad explicit tags
+            raise SpecError([f"override {item[:80]!r}: value is not a usable YAML scalar or list"]) from None
         parts = key.split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
@@ -463,27 +567,95 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _format_error(err: dict, data: dict, src: _Source) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("literal[") or p in ("list[str]", "str"))))
-    # pydantic puts union branch names in loc; keep only real keys and indexes.
-    loc = tuple(p for p in loc if isinstance(p, int) or not p.startswith(("function-", "union[")))
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
+def _is_branch_tag(part: Any) -> bool:
+    """pydantic names union branches and validator functions in ``loc``
+    ("literal['all-linear']", "list[str]", "function-after[...]"): not user keys.
+    Field names are plain identifiers, so anything with a bracket or a type name is a tag."""
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "list", "dict") or part.startswith(("function-", "union"))
+    )
+
+
+def _path_text(loc: tuple) -> str:
+    """A key path for messages: plain keys joined by dots, odd keys (an unknown key with
+    spaces, dots or a newline in it) quoted by repr so the message stays one unambiguous line."""
+    parts = []
+    for p in loc:
+        text = str(p)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+            text = repr(text if len(text) <= 40 else text[:40] + "...")  # shorten first: the quotes stay closed
+        parts.append(text)
+    return ".".join(parts)
+
+
+def _tag_positions(loc: tuple, data: Any) -> list[int]:
+    """Indexes in ``loc`` that are pydantic branch tags. A part that looks like a tag but
+    is a key the user wrote (an unknown key called `str` or `a[1]`) is not one: it is
+    what the message must name."""
+    tags = []
+    node = data
+    for i, p in enumerate(loc):
+        present = isinstance(node, dict) and p in node
+        if _is_branch_tag(p) and not present:
+            tags.append(i)
+            continue
+        if present:
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and 0 <= p < len(node):
+            node = node[p]
+        else:
+            node = None
+    return tags
+
+
+def _user_loc(loc: tuple, data: Any) -> tuple:
+    """``loc`` without pydantic's branch tags: the path as the user wrote it."""
+    tags = set(_tag_positions(loc, data))
+    return tuple(p for i, p in enumerate(loc) if i not in tags)
+
+
+# pydantic's messages, said the way the rest of orch says them.
+_PLAIN = {
+    "greater_than_equal": lambda c: f"must be >= {c['ge']}",
+    "greater_than": lambda c: f"must be > {c['gt']}",
+    "less_than_equal": lambda c: f"must be <= {c['le']}",
+    "less_than": lambda c: f"must be < {c['lt']}",
+    "int_type": lambda c: "must be an integer",
+    "int_parsing": lambda c: "must be an integer",
+    "float_type": lambda c: "must be a number",
+    "float_parsing": lambda c: "must be a number",
+    "finite_number": lambda c: "must be a finite number (not NaN or infinity)",
+    "bool_type": lambda c: "must be true or false",
+    "string_type": lambda c: "must be a string",
+    "list_type": lambda c: "must be a list",
+    "model_type": lambda c: "must be a section (a mapping of keys)",
+    "dict_type": lambda c: "must be a section (a mapping of keys)",
+}
+
+
+def _where(loc: tuple, src: _Source) -> str:
+    """`file:line`, or `file (override 'k=v')` when an override set this value."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in src.overrides:
+            return f"{src.label} (override {_describe(src.overrides[loc[:n]])})"
     for n in range(len(loc), 0, -1):
         line = src.lines.get(loc[:n])
         if line:
-            break
-    where = f"{src.label}:{line}" if line else src.label
+            return f"{src.label}:{line}"
+    return src.label
+
+
+def _format_error(err: dict, data: dict, src: _Source) -> str:
+    loc = _user_loc(err["loc"], data)
+    path = _path_text(loc) or "(top level)"
+    where = _where(loc, src)
     kind = err["type"]
     msg = err["msg"].removeprefix("Value error, ")
     # Cross-field checks name their own field ("training.x: ..."): use it as the path.
     named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg)
     if named and named.group(1).split(".")[0] in JobSpec.model_fields:
         path, msg = named.group(1), named.group(2)
-        key = tuple(path.split("."))
-        line = next((src.lines[key[:n]] for n in range(len(key), 0, -1) if key[:n] in src.lines), line)
-        where = f"{src.label}:{line}" if line else src.label
-        return f"{where}: {path}: {msg}"
+        return f"{_where(tuple(path.split('.')), src)}: {path}: {msg}"
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
@@ -492,80 +664,146 @@ def _format_error(err: dict, data: dict, src: _Source) -> str:
         return f"{where}: {path}: unknown key; {hint}allowed: {', '.join(allowed)}"
     if kind == "missing":
         return f"{where}: {path}: required field is missing"
-    got = f"got {_describe(err.get('input'))}; " if "input" in err and kind not in ("model_type",) else ""
+    got = f"got {_describe(err.get('input'))}; " if "input" in err else ""
     if kind == "literal_error":
         msg = "allowed: " + msg.removeprefix("Input should be ")
+    elif kind in _PLAIN:
+        msg = _PLAIN[kind](err.get("ctx") or {})
     return f"{where}: {path}: {got}{msg}"
+
+
+def _merge_union_errors(errors: list[dict], data: Any) -> list[dict]:
+    """One error per union-typed field instead of one per branch.
+
+    For ``target_modules: 5`` pydantic reports "not 'all-linear'" and "not a
+    list" separately, which reads as two problems. When a branch got further
+    (the value is a list, one item is wrong), only that branch's errors matter;
+    otherwise the branches' expectations are joined into one message.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    out: list = []
+    for err in errors:
+        loc = err["loc"]
+        cut = next((i for i in _tag_positions(loc, data) if not str(loc[i]).startswith("function-")), None)
+        if cut is None:
+            out.append(err)
+            continue
+        key = loc[:cut]
+        if key not in groups:
+            groups[key] = []
+            out.append(key)  # placeholder keeps the original order
+        groups[key].append(dict(err, _branch_depth=len(loc) - cut - 1))
+    merged: list[dict] = []
+    for item in out:
+        if isinstance(item, dict):
+            merged.append(item)
+            continue
+        branch_errors = groups[item]
+        deeper = [e for e in branch_errors if e["_branch_depth"] > 0]
+        if deeper:
+            merged.extend(deeper)
+            continue
+        wants = []
+        for e in branch_errors:
+            want = e["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+            if e["type"] == "list_type":
+                want = "a list"
+            if want not in wants:
+                wants.append(want)
+        first = branch_errors[0]
+        merged.append({"type": "union", "loc": item, "msg": "must be " + " or ".join(wants), "input": first.get("input")})
+    return merged
 
 
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     model: type[BaseModel] = JobSpec
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
+        field_info = model.model_fields.get(str(part))
+        ann = getattr(field_info, "annotation", None) if field_info else None
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann
     return model
 
 
+MAX_PROBLEMS = 20
+"""At most this many problems are listed for one spec."""
+
+
 def validate_dict(data: dict, src: _Source) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        problems = []
+        errors = _merge_union_errors(exc.errors(include_url=False), data)
+        problems: list[str] = []
         for err in errors:
             line = _format_error(err, data, src)
             if line not in problems:
                 problems.append(line)
+        if len(problems) > MAX_PROBLEMS:
+            # A file of 4000 unknown keys should not print 4000 lines.
+            hidden = len(problems) - MAX_PROBLEMS
+            problems = problems[:MAX_PROBLEMS] + [f"{src.label}: (top level): {hidden} more problems not shown"]
         raise SpecError(problems) from None
     except RecursionError:
         raise SpecError([f"{src.label}: spec nested too deeply"]) from None
 
 
-def check_files(job: JobSpec, label: str, for_training: bool = False) -> None:
+def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Optional[dict[tuple, int]] = None) -> None:
     """Checks that need the file system: data files exist, model folder has config.json.
 
     ``for_training`` adds what only training needs (weights to load); plan and
-    compile work from the shape alone.
+    compile work from the shape alone. ``lines`` (key path -> YAML line) adds
+    the line to each message.
     """
+    lines = lines or {}
+
+    def at(*key: Any) -> str:
+        line = lines.get(key) or lines.get(key[:-1]) or lines.get(key[:1])
+        return f"{label}:{line}" if line else label
+
     problems = []
     for i, p in enumerate(job.data.paths):
         path = Path(p)
+        where = at("data", "paths", i)
         if not path.exists():
-            problems.append(f"{label}: data.paths.{i}: {p!r} does not exist")
+            problems.append(f"{where}: data.paths.{i}: {p!r} does not exist")
         elif path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
-            problems.append(f"{label}: data.paths.{i}: {p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)")
+            problems.append(f"{where}: data.paths.{i}: {p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)")
         elif path.is_file():
             try:
                 with path.open("rb"):
                     pass
             except OSError as exc:
-                problems.append(f"{label}: data.paths.{i}: cannot read {p!r} ({exc.strerror})")
+                problems.append(f"{where}: data.paths.{i}: cannot read {p!r} ({exc.strerror})")
     if not job.model.is_preset():
         folder = Path(job.model.name)
         if not folder.is_dir():
             close = difflib.get_close_matches(job.model.name, catalog.PRESETS, n=1)
             hint = f" (did you mean preset {close[0]!r}?)" if close else f"; presets: {', '.join(catalog.PRESETS)}"
-            problems.append(f"{label}: model.name: {job.model.name!r} is neither a preset nor a folder{hint}")
+            problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} is neither a preset nor a folder{hint}")
         else:
             try:
                 catalog.load_config_json(folder)
             except ValueError as exc:
-                problems.append(f"{label}: model.name: {exc}")
+                problems.append(f"{at('model', 'name')}: model.name: {exc}")
     if for_training and job.model.weights == "pretrained":
         if job.model.is_preset():
             problems.append(
-                f"{label}: model.weights: preset {job.model.name!r} comes without weights; "
+                f"{at('model', 'weights')}: model.weights: preset {job.model.name!r} comes without weights; "
                 "use weights: random, or set model.name to a local folder with weights"
             )
         elif Path(job.model.name).is_dir() and not catalog.has_weights(Path(job.model.name)):
-            problems.append(f"{label}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
+            problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
     if job.model.tokenizer is not None and not Path(job.model.tokenizer).is_dir():
-        problems.append(f"{label}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
+        problems.append(f"{at('model', 'tokenizer')}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
     if problems:
         raise SpecError(problems)
+
+
+def _override_paths(overrides: list[str]) -> dict[tuple, str]:
+    """Key path -> override text, for overrides already checked by apply_overrides."""
+    return {tuple(item.partition("=")[0].split(".")): item for item in overrides}
 
 
 def load_job(
@@ -573,11 +811,13 @@ def load_job(
 ) -> JobSpec:
     """Read, override, validate. Raises SpecError with one line per problem."""
     path = Path(path)
+    overrides = list(overrides or [])
     data, src = read_yaml(path)
-    data = apply_overrides(data, list(overrides or []))
+    data = apply_overrides(data, overrides)
+    src.overrides = _override_paths(overrides)
     job = validate_dict(data, src)
     if check_paths:
-        check_files(job, str(path), for_training)
+        check_files(job, str(path), for_training, lines=src.lines)
     return job
 
 

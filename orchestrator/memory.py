@@ -1,0 +1,583 @@
+"""Per-GPU memory model for training with orch's own trainer (no torch import).
+
+`estimate(job, strategy)` predicts, per GPU, the peak of
+``torch.cuda.max_memory_allocated()`` during training, the peak while loading
+the model, what must fit on the GPU (peak + allocator slack + CUDA/NCCL
+context), and the host RAM / NVMe bytes per node for offload strategies.
+
+Everything is integer bytes, computed by one small pure function per
+component. Each docstring says what the trainer (``orchestrator.train`` /
+``modeling.py``) and DeepSpeed actually allocate and why. Empirical numbers
+live in ONE place, :class:`Calibration`, so they can be re-fitted on GPU
+measurements (``benchmarks/memory_accuracy.py --from-results``).
+
+The peak is the larger of two phases, because activations and optimizer-step
+temporaries never coexist:
+
+* forward/backward: resident model states + saved activations + the largest
+  transient (loss chunk, or one layer's recompute and its gradients) + bnb
+  dequantization buffer + ZeRO communication buffers and gathered params;
+* optimizer step: resident model states + the fp32 gradient partition and
+  Adam temporaries DeepSpeed creates for the step.
+
+``breakdown`` lists the components of the peak phase only (so the values add
+up to ``peak_allocated``); the other phase's transients are 0 there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.catalog import GIB, MIB, ModelShape
+from orchestrator.deepspeed_config import ZERO_STAGE, build_ds_config, offload_devices
+from orchestrator.spec import JobSpec
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "uint8": 1}
+FP32 = 4
+ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every empirical constant of the memory model, in one place.
+
+    Values are first estimates reasoned from the libraries' code (see each
+    field); the lead re-fits them on H100 measurements with
+    ``benchmarks/memory_accuracy.py --fit`` on the "calibration" configs and
+    checks the "held_out" ones.
+    """
+
+    allocator_slack: float = 0.08
+    """Fraction of peak allocated that the caching allocator additionally reserves (block rounding,
+    fragmentation between differently sized activations). PyTorch's reserved/allocated ratio on
+    transformer training is typically 1.03-1.15; 0.08 is the middle. Not part of peak_allocated."""
+    cuda_context_bytes: int = 560 * MIB
+    """CUDA context + kernels of torch/cuBLAS/bnb loaded lazily, outside the caching allocator.
+    nvidia-smi shows ~500-600 MiB for a torch 2.x CUDA 12 process on H100 before any tensor."""
+    nccl_bytes: int = 384 * MIB
+    """NCCL communicator buffers (cudaMalloc'd by NCCL, invisible to torch) per process when world > 1,
+    NVLS off: a few channels x 4 MiB buffers per peer plus proxy state; 300-500 MiB typical."""
+    fixed_allocated_bytes: int = 96 * MIB
+    """Small allocations counted by max_memory_allocated that do not scale with the model: cuBLAS/cuBLASLt
+    workspaces (torch allocates them through the caching allocator), input ids/targets, rotary caches."""
+    host_process_bytes: int = 4 * GIB
+    """Host RSS of one training process (python + torch + CUDA runtime + DeepSpeed + data), before offload."""
+
+    # --- activations (bytes per token per decoder layer = sum of the terms below; see layer_activation_bytes)
+    norm_fp32_copies: float = 1.0
+    """HF RMSNorm upcasts its input to fp32 and keeps it for backward (pow and mul save it): 4h per norm."""
+    mlp_intermediates: float = 3.0
+    """SwiGLU saves gate out (silu input), silu out and up out (mul saves both factors): 3 x i. The
+    product (down_proj input) is counted with the linear inputs."""
+    backward_transient: float = 0.5
+    """Gradient tensors alive while one layer runs backward, as a fraction of that layer's saved
+    activations (grads of the i-sized MLP intermediates dominate: ~2 of the 4 live at once)."""
+    loss_bytes_per_logit: float = 12.0
+    """Peak bytes per (token x vocab) of the LM head + cross-entropy: fp32 log-softmax output saved (4),
+    its incoming grad (4) and outgoing grad (4) at once during backward; the bf16 logits (2) die before."""
+    dequant_copies: float = 1.0
+    """bnb dequantizes one linear weight at a time to the compute dtype (forward and backward each make
+    their own temporary, never two at once)."""
+    adam_temp_copies: float = 1.0
+    """torch AdamW (foreach) allocates one fp32 temporary the size of the flat partition (sqrt(v)+eps)."""
+    load_temp_layers: float = 1.0
+    """While building/loading, one decoder layer exists in model.dtype before it is quantized (qlora)."""
+    zero3_live_fraction: float = 0.5
+    """Fraction of stage3_max_reuse_distance elements ZeRO-3 keeps gathered at the forward/backward
+    turn. DeepSpeed (partitioned_param_coordinator.__params_to_release) keeps a module's params when
+    they reappear within max_reuse_distance elements of upcoming modules; a layer's forward-to-backward
+    distance is about twice the params after it, so about half the window stays gathered."""
+
+
+CALIBRATION = Calibration()
+
+# The trainer (modeling.py on branch train) builds the whole model on every rank's GPU and lets
+# deepspeed.initialize partition it for ZeRO-3, so the load peak under ZeRO-3 is the *unsharded*
+# model. If the trainer switches to deepspeed.zero.Init / CPU loading, set this to False.
+ZERO3_LOADS_FULL_MODEL = True
+
+COMPONENTS = (
+    "weights",
+    "weights_4bit",
+    "quant_constants",
+    "lora_weights",
+    "gradients",
+    "master_weights",
+    "optimizer_states",
+    "optimizer_step_temp",
+    "activations",
+    "logits_loss",
+    "dequant_buffer",
+    "zero_buffers",
+    "zero3_live_params",
+    "fixed",
+)
+"""Breakdown keys, in display order."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted memory of one job under one strategy (integer bytes)."""
+
+    strategy: str
+    """The strategy estimated."""
+    breakdown: dict[str, int]
+    """Per-GPU components at the peak phase (keys: COMPONENTS); they sum to peak_allocated."""
+    peak_allocated: int
+    """Predicted peak of torch.cuda.max_memory_allocated() per GPU during training."""
+    load_peak: int
+    """Predicted peak allocated per GPU while loading the model and initializing DeepSpeed."""
+    total: int
+    """What must fit on one GPU: max(peak, load peak) x (1 + slack) + CUDA context (+ NCCL)."""
+    cpu_bytes: int
+    """Host RAM per node: training processes plus pinned offloaded states/params."""
+    nvme_bytes: int
+    """NVMe bytes per node for NVMe offload."""
+    phase: str
+    """Which phase sets the peak: 'forward_backward' or 'optimizer_step'."""
+    cpu_breakdown: dict[str, int] = field(default_factory=dict)
+    """Host RAM per node by component."""
+
+
+# ---------------------------------------------------------------------------
+# Parameter counts
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Element counts of one model under one method."""
+
+    linear: int
+    """Weights of the decoder-block linear layers (the ones qlora quantizes)."""
+    other: int
+    """Embeddings, lm_head (if untied), norms, biases: kept in model.dtype."""
+    lora: int
+    """LoRA A and B elements (0 for full)."""
+    trainable: int
+    """What the optimizer updates: lora, or every parameter for full."""
+    largest_linear: int
+    """Elements of the largest single linear weight in a decoder layer."""
+    linear_tensors: int
+    """Number of linear weight tensors in the decoder blocks."""
+
+    @property
+    def total(self) -> int:
+        return self.linear + self.other
+
+
+def lora_targets(job: JobSpec, shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """The decoder linear layers that get LoRA adapters, with (in, out) features."""
+    linears = shape.linear_shapes()
+    wanted = job.lora.target_modules
+    if wanted == "all-linear":
+        return linears
+    return {name: dims for name, dims in linears.items() if name in wanted}
+
+
+def param_counts(job: JobSpec, shape: ModelShape) -> ParamCounts:
+    linear = shape.num_hidden_layers * shape.layer_linear_params()
+    other = shape.num_params() - linear
+    lora = 0
+    if job.method != "full":
+        lora = shape.num_hidden_layers * sum(job.lora.r * (i + o) for i, o in lora_targets(job, shape).values())
+    trainable = shape.num_params() if job.method == "full" else lora
+    largest = max(i * o for i, o in shape.linear_shapes().values())
+    return ParamCounts(linear, other, lora, trainable, largest, shape.num_hidden_layers * len(shape.linear_shapes()))
+
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def packed_4bit_bytes(numel: int, storage_dtype: str) -> int:
+    """Bytes of bnb's packed 4-bit data for one weight of ``numel`` elements.
+
+    Two 4-bit values share a byte; bnb stores the bytes as a flat tensor of the
+    storage dtype (uint8, or bf16/fp32 so ZeRO-3 can shard it next to bf16
+    params), so the byte count is rounded up to whole storage elements.
+    """
+    itemsize = DTYPE_BYTES[storage_dtype]
+    nbytes = (numel + 1) // 2
+    return -(-nbytes // itemsize) * itemsize
+
+
+def quant_constant_bytes(numel: int, block_size: int, double_quant: bool) -> int:
+    """Bytes of bnb's quantization state for one 4-bit weight.
+
+    One absmax per ``block_size`` elements. Without double quant each absmax is
+    fp32. With double quant the absmax values are themselves quantized to uint8
+    with one fp32 absmax per 256 of them, plus one fp32 offset and the 256-entry
+    fp32 dynamic code table. The 16-entry fp32 NF4/FP4 code table is always kept.
+    """
+    blocks = -(-numel // block_size)
+    code4 = 16 * FP32
+    if not double_quant:
+        return blocks * FP32 + code4
+    nested_blocks = -(-blocks // 256)
+    return blocks * 1 + nested_blocks * FP32 + FP32 + 256 * FP32 + code4
+
+
+def base_weight_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> tuple[int, int, int]:
+    """(model.dtype weights, packed 4-bit weights, quant constants) of the whole unsharded model.
+
+    qlora quantizes every decoder-block linear except skip_modules; embeddings,
+    norms, biases and lm_head stay in model.dtype. lora/full keep everything in
+    model.dtype.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    counts = param_counts(job, shape)
+    if job.method != "qlora":
+        return counts.total * d, 0, 0
+    q = job.quantization
+    packed = consts = kept = 0
+    for name, (i, o) in shape.linear_shapes().items():
+        if name in q.skip_modules:
+            kept += i * o
+            continue
+        packed += packed_4bit_bytes(i * o, storage_dtype)
+        consts += quant_constant_bytes(i * o, q.block_size, q.double_quant)
+    layers = shape.num_hidden_layers
+    return (counts.other + layers * kept) * d, layers * packed, layers * consts
+
+
+# ---------------------------------------------------------------------------
+# Model states under DeepSpeed (bf16 mode; fp32 models have no master copy)
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Resident per-GPU (and per-rank host) bytes of params, grads and optimizer states."""
+
+    gpu: dict[str, int]
+    host: dict[str, int]
+    step_temp: int
+    """fp32 gradient partition + Adam temporaries alive during optimizer.step on the GPU."""
+
+
+def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibration = CALIBRATION) -> ModelStates:
+    """Params, gradients, fp32 master weights and Adam moments per GPU.
+
+    DeepSpeed bf16 mode keeps trainable params and grads in bf16 and gives the
+    optimizer fp32 master copies + fp32 exp_avg/exp_avg_sq (16 B per trainable
+    param in fp32 state). Sharding by ZeRO stage over W ranks:
+
+    * stage 0 (single_gpu: DeepSpeed's FP16_UnfusedOptimizer in bf16, since
+      torch AdamW is not FusedAdam): nothing sharded; per-param fp32 master
+      clones; the step casts every grad to fp32 (4 B/param) and torch's foreach
+      Adam makes one fp32 temporary.
+    * stage 2: params whole; grads, master, moments 1/W; the step makes the fp32
+      gradient of the partition. Frozen params are plain module params (whole).
+    * stage 3: everything 1/W, frozen and 4-bit params included (the bnb quant
+      state is not a param and stays whole); the step works per sub-group
+      (sub_group_size 1e9 elements), so its temporaries are capped by that.
+    * offload_optimizer: master, moments and fp32 grads live in pinned host RAM;
+      the GPU keeps no gradient partition (grads stream to the host).
+    * offload_param: param partitions live in host RAM too.
+    """
+    stage = ZERO_STAGE[strategy]
+    opt_dev, param_dev = offload_devices(strategy)
+    world = job.hardware.world_size
+    d = DTYPE_BYTES[job.model.dtype]
+    mixed = job.model.dtype != "fp32"
+    counts = param_counts(job, shape)
+    sharded = stage == 3
+    storage = job.quantization.storage_for(sharded)
+    dense, packed, consts = base_weight_bytes(job, shape, storage)
+    t = counts.trainable
+    t_shard = -(-t // world) if stage >= 2 else t
+
+    # Base weights (frozen for lora/qlora, trained for full: then they *are* the trainable params).
+    weight_div = world if sharded else 1
+    gpu = {"weights": dense // weight_div, "weights_4bit": packed // weight_div, "quant_constants": consts,
+           "lora_weights": (counts.lora * d) // weight_div}
+    host: dict[str, int] = {}
+    if param_dev != "none":
+        host["offloaded_params"] = gpu["weights"] + gpu["weights_4bit"] + gpu["lora_weights"]
+        gpu["weights"] = gpu["weights_4bit"] = gpu["lora_weights"] = 0
+
+    grads = t_shard * d
+    master = t_shard * FP32 if mixed else 0
+    moments = t_shard * FP32 * ADAM_STATES
+    step_elems = min(t_shard, 1_000_000_000) if sharded else t_shard
+    step_temp = step_elems * FP32 * (int(mixed) + cal.adam_temp_copies)
+    if opt_dev != "none":
+        host.update(master_weights=master, optimizer_states=moments, fp32_gradients=t_shard * FP32)
+        gpu.update(gradients=0, master_weights=0, optimizer_states=0)
+        step_temp = 0
+    else:
+        gpu.update(gradients=grads, master_weights=master, optimizer_states=moments)
+    return ModelStates(gpu=gpu, host=host, step_temp=int(step_temp))
+
+
+# ---------------------------------------------------------------------------
+# Activations
+
+
+# Linear layers grouped by the tensor they read: a group's input is saved once if any reader saves it.
+INPUT_GROUPS = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),  # input_layernorm output
+    "attn_out": ("o_proj",),  # attention output, transposed contiguous
+    "mlp_in": ("gate_proj", "up_proj"),  # post_attention_layernorm output
+    "mlp_mid": ("down_proj",),  # silu(gate) * up
+}
+
+
+def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION) -> int:
+    """Bytes one decoder layer saves for backward, for ``tokens`` tokens in sequences of ``seq_len``.
+
+    Per token (d = model dtype bytes, h hidden, q = heads x head_dim, i ffn):
+
+    * 2 RMSNorms: the fp32 copy of the input (4h each, saved by pow and mul);
+      full finetune also saves the normalized tensor (d*h each) for the norm
+      weight's gradient.
+    * attention: q after RoPE (d*q); k and v repeat_kv-expanded to q heads
+      (2*d*q: packed rows carry a 4D mask and sdpa with a mask skips its GQA
+      path); sdpa's output (d*q) and logsumexp (fp32 per head). sdpa converts
+      the bool mask to an additive mask in model dtype per call and saves it
+      (d * seq_len per token); eager instead saves fp32 softmax + its
+      model-dtype copy per head ((4 + d) * heads * seq_len); flash: neither.
+    * SwiGLU: gate output, silu output, up output (cal.mlp_intermediates x d*i).
+    * linear inputs (INPUT_GROUPS): a frozen base linear saves nothing (torch
+      saves the input only for a weight gradient; bnb's MatMul4Bit keeps just
+      the packed weight). So a group's input (d*in) is saved for full finetunes,
+      and for LoRA only when an adapted module reads it without dropout
+      (lora_A saves its input). With dropout > 0 each adapted module saves its
+      own dropout output (d*in) and bool mask (1*in) instead.
+    * LoRA: A's output (d*r) per adapted module, saved by B.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    h, q, i = shape.hidden_size, shape.q_dim, shape.intermediate_size
+    heads = shape.num_attention_heads
+    per_token = 2 * cal.norm_fp32_copies * FP32 * h
+    per_token += 3 * d * q + d * q + FP32 * heads  # q, expanded k and v; sdpa output + lse
+    attn = job.model.attn_implementation
+    if attn == "eager":
+        per_token += (FP32 + d) * heads * seq_len
+    elif attn == "sdpa":
+        per_token += d * seq_len
+    per_token += cal.mlp_intermediates * d * i
+    linears = shape.linear_shapes()
+    if job.method == "full":
+        per_token += 2 * d * h  # norm weight gradients
+        per_token += sum(d * linears[group[0]][0] for group in INPUT_GROUPS.values())
+    else:
+        targets = lora_targets(job, shape)
+        per_token += len(targets) * d * job.lora.r
+        for group in INPUT_GROUPS.values():
+            adapted = [m for m in group if m in targets]
+            width = linears[group[0]][0]
+            if job.lora.dropout > 0:
+                per_token += len(adapted) * (d + 1) * width
+            elif adapted:
+                per_token += d * width
+    return int(per_token * tokens)
+
+
+def attention_mask_bytes(job: JobSpec) -> int:
+    """The 4D mask transformers builds once per forward for packed rows, shared by all layers.
+
+    Rows with several packed examples restart position_ids, so transformers
+    materializes a block-diagonal causal mask of micro_batch x seq x seq: bool
+    for sdpa, model dtype for eager. flash_attention_2 uses varlen indices
+    instead. (Rows holding a single example get no mask at all: is_causal; the
+    model assumes packing, the common case, which is the larger.)
+    """
+    attn = job.model.attn_implementation
+    if attn == "flash_attention_2":
+        return 0
+    per = 1 if attn == "sdpa" else DTYPE_BYTES[job.model.dtype]
+    return job.training.micro_batch_size * job.data.seq_len * job.data.seq_len * per
+
+
+def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> tuple[int, int]:
+    """(saved activations at the start of backward, largest per-layer transient on top of them).
+
+    Without checkpointing every layer keeps its activations; the transient is
+    the gradients of the layer being back-propagated. With HF non-reentrant
+    checkpointing only each layer's input (d*h per token) is kept; during
+    backward one layer is recomputed at a time, so its full activations plus
+    its gradients are the transient. Both add the final norm's saved tensors
+    and the shared attention mask.
+    """
+    t = job.training
+    tokens = t.micro_batch_size * job.data.seq_len
+    d = DTYPE_BYTES[job.model.dtype]
+    h = shape.hidden_size
+    layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal)
+    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job)
+    if t.gradient_checkpointing:
+        saved = shape.num_hidden_layers * d * h * tokens + final_norm
+        transient = int(layer * (1 + cal.backward_transient))
+    else:
+        saved = shape.num_hidden_layers * layer + final_norm
+        transient = int(layer * cal.backward_transient)
+    return saved, transient
+
+
+def logits_loss_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:
+    """Peak bytes of LM head + cross-entropy.
+
+    The trainer computes them on ``training.loss_chunk_tokens`` tokens at a time,
+    each chunk under checkpointing, so only one chunk's fp32 logits exist:
+    loss_bytes_per_logit x vocab x min(chunk, tokens). loss_chunk_tokens=0 makes
+    the whole micro batch one chunk (full logits, fp32 upcast).
+    """
+    tokens = job.training.micro_batch_size * job.data.seq_len
+    chunk = job.training.loss_chunk_tokens or tokens
+    return int(cal.loss_bytes_per_logit * shape.vocab_size * min(chunk, tokens))
+
+
+def dequant_buffer_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:
+    """bnb dequantizes one 4-bit weight to compute dtype per matmul: the largest linear, once."""
+    if job.method != "qlora":
+        return 0
+    return int(cal.dequant_copies * param_counts(job, shape).largest_linear * DTYPE_BYTES[job.quantization.compute_dtype])
+
+
+# ---------------------------------------------------------------------------
+# DeepSpeed buffers
+
+
+def zero_buffer_bytes(job: JobSpec, strategy: str, shape: ModelShape) -> int:
+    """Gradient reduce buckets DeepSpeed allocates (in model dtype).
+
+    Stage 2 with overlap_comm keeps two reduce buckets (one filling while the
+    other reduces); stage 3 keeps one flat reduce bucket. Stage 0 has none.
+    Bucket size is capped by the trainable params (a tiny LoRA never fills one).
+    """
+    stage = ZERO_STAGE[strategy]
+    if stage == 0:
+        return 0
+    zero = build_ds_config(job, strategy, shape)["zero_optimization"]
+    d = DTYPE_BYTES[job.model.dtype]
+    bucket = min(zero["reduce_bucket_size"], param_counts(job, shape).trainable)
+    return (2 if stage == 2 else 1) * bucket * d
+
+
+def zero3_live_param_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:
+    """Params ZeRO-3 holds gathered at the forward/backward turn.
+
+    After a module's forward, ZeRO-3 releases its params unless their next use
+    is within stage3_max_reuse_distance elements of upcoming modules -- true for
+    the last layers and lm_head, whose backward follows right away -- so about
+    cal.zero3_live_fraction x that many elements (1e9 in orch's config) stay
+    gathered, capped by the model itself; plus one prefetch bucket in flight. 4-bit weights are gathered in their storage
+    elements (numel/2 bytes), the rest in model dtype.
+    """
+    if ZERO_STAGE[strategy] != 3:
+        return 0
+    zero = build_ds_config(job, strategy, shape)["zero_optimization"]
+    d = DTYPE_BYTES[job.model.dtype]
+    dense, packed, _ = base_weight_bytes(job, shape, job.quantization.storage_for(True))
+    model_bytes = dense + packed + param_counts(job, shape).lora * d
+    window = int(zero["stage3_max_reuse_distance"] * d * cal.zero3_live_fraction)
+    prefetch = zero["stage3_prefetch_bucket_size"] * d
+    return min(model_bytes, window + prefetch)
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+
+def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStates, cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated from model load through deepspeed.initialize.
+
+    The trainer builds the model on each rank's GPU piece by piece; for qlora a
+    decoder layer exists in model.dtype until its linears are quantized
+    (cal.load_temp_layers layers). DeepSpeed init then adds the fp32 master
+    partition (Adam moments are created lazily at the first step), and:
+    stage 0 (DeepSpeed's unfused bf16 wrapper around torch AdamW) clones each
+    trainable param to fp32 and nothing else; stage 2 flattens via the CPU (no
+    GPU copy); stage 3 allocates its flat bf16 gradient partition. Under ZeRO-3 the model is whole on every
+    rank before initialize partitions it (ZERO3_LOADS_FULL_MODEL), so the load
+    peak is the unsharded model.
+    """
+    stage = ZERO_STAGE[strategy]
+    d = DTYPE_BYTES[job.model.dtype]
+    counts = param_counts(job, shape)
+    dense, packed, consts = base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
+    temp = 0
+    if job.method == "qlora":
+        temp = int(cal.load_temp_layers * shape.layer_linear_params() * d)
+    resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
+    master = states.gpu["master_weights"]
+    if stage in (0, 2):
+        return resident + temp + master
+    full_model = dense + packed + consts + counts.lora * d + temp
+    sharded = resident + master + states.gpu["gradients"]
+    return max(full_model, sharded) if ZERO3_LOADS_FULL_MODEL else sharded + temp
+
+
+# ---------------------------------------------------------------------------
+# Host RAM and NVMe
+
+
+def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStates,
+               cal: Calibration = CALIBRATION) -> tuple[dict[str, int], int]:
+    """(host RAM per node by component, NVMe bytes per node).
+
+    Every rank on the node holds its own partition of the offloaded states in
+    pinned RAM: fp32 master + Adam moments + fp32 grads (optimizer offload) and
+    its param partition (param offload). With NVMe offload the master + moments
+    (optimizer) or params move to the NVMe file and RAM keeps the fp32 grads and
+    swap buffers (buffer_count x buffer size from the DeepSpeed config).
+    """
+    ranks = job.hardware.gpus_per_node
+    opt_dev, param_dev = offload_devices(strategy)
+    per_rank = dict(states.host)
+    nvme = 0
+    zero = build_ds_config(job, strategy, shape)["zero_optimization"] if opt_dev == "nvme" or param_dev == "nvme" else {}
+    if opt_dev == "nvme":
+        nvme += per_rank.pop("master_weights", 0) + per_rank.pop("optimizer_states", 0)
+        # swap buffers: buffer_count sub-groups of fp32 params + states in flight
+        sub = min(param_counts(job, shape).trainable // job.hardware.world_size + 1, 1_000_000_000)
+        per_rank["nvme_swap_buffers"] = zero["offload_optimizer"]["buffer_count"] * sub * FP32
+    if param_dev == "nvme":
+        nvme += per_rank.pop("offloaded_params", 0)
+        off = zero["offload_param"]
+        per_rank["nvme_param_buffers"] = off["buffer_count"] * off["buffer_size"] * DTYPE_BYTES[job.model.dtype]
+    out = {k: v * ranks for k, v in per_rank.items()}
+    out["processes"] = cal.host_process_bytes * ranks
+    return out, nvme * ranks
+
+
+# ---------------------------------------------------------------------------
+# The estimate
+
+
+def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape: ModelShape | None = None) -> MemoryEstimate:
+    """Predict per-GPU and per-node memory of ``job`` trained with ``strategy``."""
+    if strategy not in ZERO_STAGE:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    shape = shape or job.shape()
+    states = model_states(job, strategy, shape, cal)
+    resident = dict(states.gpu)
+    resident["zero_buffers"] = zero_buffer_bytes(job, strategy, shape)
+    resident["fixed"] = cal.fixed_allocated_bytes
+
+    saved, layer_transient = activation_bytes(job, shape, cal)
+    loss = logits_loss_bytes(job, shape, cal)
+    dequant = dequant_buffer_bytes(job, shape, cal)
+    live = zero3_live_param_bytes(job, strategy, shape, cal)
+    # The loss chunk runs before any layer's backward, so the two transients do not overlap;
+    # report whichever is larger under its own name.
+    if loss >= layer_transient:
+        fb = {"activations": saved, "logits_loss": loss}
+    else:
+        fb = {"activations": saved + layer_transient, "logits_loss": 0}
+    fb.update(dequant_buffer=dequant, zero3_live_params=live, optimizer_step_temp=0)
+    step = {"activations": 0, "logits_loss": 0, "dequant_buffer": 0, "zero3_live_params": 0,
+            "optimizer_step_temp": states.step_temp}
+    if sum(fb.values()) >= sum(step.values()):
+        phase, transient = "forward_backward", fb
+    else:
+        phase, transient = "optimizer_step", step
+    breakdown = {k: int({**resident, **transient}.get(k, 0)) for k in COMPONENTS}
+    peak = sum(breakdown.values())
+
+    load = load_peak_bytes(job, strategy, shape, states, cal) + cal.fixed_allocated_bytes
+    context = cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
+    total = int(max(peak, load) * (1 + cal.allocator_slack)) + context
+    cpu, nvme = host_bytes(job, strategy, shape, states, cal)
+    return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load, total=total,
+                          cpu_bytes=sum(cpu.values()), nvme_bytes=nvme, phase=phase, cpu_breakdown=cpu)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The README's first command: install, then run the main job on the embedded default.
+#   1. `orch plan` of the headline 70B job (no torch import, no download);
+#   2. a real training run of jobs/tiny.yaml on this machine (CPU when there is no GPU)
+#      through the same deepspeed launcher path that Slurm jobs use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "+ orch plan jobs/llama70b.yaml"
+orch plan jobs/llama70b.yaml
+echo
+echo "+ orch submit jobs/tiny.yaml --local"
+orch submit jobs/tiny.yaml --local "$@"

@@ -1,0 +1,144 @@
+"""Model presets and config.json loading, checked against transformers' own models.
+
+Each preset is built by transformers on the meta device (shapes only, no memory)
+from `ModelShape.to_hf_config()`; its parameter count and linear layer shapes
+must equal what the catalog computes without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator import catalog
+
+PRESET_NAMES = ["llama3-1b", "llama3-3b", "llama3-8b", "llama3-70b", "llama3-405b",
+                "llama2-7b", "llama2-13b", "mistral-7b", "qwen2.5-7b", "qwen2.5-72b", "tiny-llama"]
+
+
+def test_presets_are_the_documented_set() -> None:
+    assert list(catalog.PRESETS) == PRESET_NAMES
+
+
+@pytest.fixture(scope="module")
+def meta_models() -> dict:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    models = {}
+    for name, shape in catalog.PRESETS.items():
+        cfg = dict(shape.to_hf_config())
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            models[name] = transformers.AutoModelForCausalLM.from_config(config)
+    return models
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_param_count_matches_transformers(name: str, meta_models: dict) -> None:
+    model = meta_models[name]
+    hf_params = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter: counted once
+    assert catalog.PRESETS[name].num_params() == hf_params
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_linear_shapes_match_transformers(name: str, meta_models: dict) -> None:
+    shape = catalog.PRESETS[name]
+    layer = meta_models[name].model.layers[0]
+    modules = {**{k: getattr(layer.self_attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
+               **{k: getattr(layer.mlp, k) for k in ("gate_proj", "up_proj", "down_proj")}}
+    for key, (fan_in, fan_out) in shape.linear_shapes().items():
+        assert (modules[key].in_features, modules[key].out_features) == (fan_in, fan_out), key
+    assert len(meta_models[name].model.layers) == shape.num_hidden_layers
+    assert (layer.self_attn.q_proj.bias is not None) == shape.attention_bias
+    tied = meta_models[name].lm_head.weight is meta_models[name].model.embed_tokens.weight
+    assert tied == shape.tie_word_embeddings
+
+
+def test_published_sizes() -> None:
+    # Nominal sizes in the model names ("8B", "70B", ...) as published by Meta, Mistral AI and
+    # Qwen on their Hugging Face model cards; the exact counts are checked against transformers above.
+    nominal = {"llama3-1b": 1.0, "llama3-3b": 3.0, "llama3-8b": 8.0, "llama3-70b": 70.0, "llama3-405b": 405.0,
+               "llama2-7b": 7.0, "llama2-13b": 13.0, "mistral-7b": 7.0, "qwen2.5-7b": 7.0, "qwen2.5-72b": 72.0}
+    for name, billions in nominal.items():
+        # Names round the size: within 25% (Llama 3.2 "1B" is 1.24B because of its 128k vocabulary).
+        assert abs(catalog.PRESETS[name].num_params() / 1e9 - billions) / billions < 0.25, name
+
+
+def test_llama70b_example_folder_matches_preset() -> None:
+    folder = Path(__file__).resolve().parent.parent / "models" / "llama3-70b"
+    shape = catalog.load_config_json(folder)
+    assert shape.num_params() == catalog.PRESETS["llama3-70b"].num_params()
+    assert shape.source == str(folder / "config.json")
+
+
+def test_format_params() -> None:
+    assert catalog.format_params(8_030_261_248) == "8.03B"
+    assert catalog.format_params(158_016) == "0.158M"
+    assert catalog.format_params(124_000_000) == "124.00M"
+    assert "0.00" not in catalog.format_params(catalog.PRESETS["tiny-llama"].num_params())
+
+
+GOOD = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+
+
+def _folder(tmp_path: Path, content: object) -> Path:
+    (tmp_path / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return tmp_path
+
+
+def test_config_json_good(tmp_path: Path) -> None:
+    shape = catalog.load_config_json(_folder(tmp_path, GOOD))
+    assert shape.num_params() == catalog.PRESETS["tiny-llama"].num_params()
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"hidden_size": 64.7}, "hidden_size must be a whole number"),  # was truncated to 64
+        ({"hidden_size": -64}, "hidden_size must be a whole number"),  # was accepted
+        ({"num_attention_heads": 0}, "num_attention_heads must be a whole number"),  # was ZeroDivisionError later
+        ({"vocab_size": True}, "vocab_size must be a whole number"),
+        ({"vocab_size": "512"}, "vocab_size must be a whole number"),
+        ({"hidden_size": None}, "hidden_size must be a whole number"),
+        ({"num_hidden_layers": 10**12}, "num_hidden_layers must be a whole number"),
+        ({"hidden_size": 66}, "not a multiple of num_attention_heads"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"rope_theta": "fast"}, "could not convert"),
+    ],
+)
+def test_config_json_bad_values(tmp_path: Path, change: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        catalog.load_config_json(_folder(tmp_path, {**GOOD, **change}))
+    assert needle in str(exc.value)
+    assert str(exc.value).startswith(str(tmp_path / "config.json"))
+    assert "\n" not in str(exc.value)
+
+
+def test_config_json_missing_key(tmp_path: Path) -> None:
+    cfg = dict(GOOD)
+    del cfg["vocab_size"]
+    with pytest.raises(ValueError, match="lacks 'vocab_size'"):
+        catalog.load_config_json(_folder(tmp_path, cfg))
+
+
+def test_config_json_rope_parameters_not_a_mapping(tmp_path: Path) -> None:
+    """Bug fixed: a non-dict rope_parameters crashed with AttributeError (a traceback from orch validate)."""
+    shape = catalog.load_config_json(_folder(tmp_path, {**GOOD, "rope_parameters": "x"}))
+    assert shape.rope_theta == 10000.0
+    shape = catalog.load_config_json(_folder(tmp_path, {**GOOD, "rope_parameters": {"rope_theta": 5e5}}))
+    assert shape.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("content, needle", [("{", "cannot read"), ("[1]", "is not a JSON object")])
+def test_config_json_not_an_object(tmp_path: Path, content: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        catalog.load_config_json(_folder(tmp_path, content))
+
+
+def test_config_json_absent(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no config.json"):
+        catalog.load_config_json(tmp_path)

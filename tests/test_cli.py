@@ -1,0 +1,320 @@
+"""The `orch` CLI: validate/schema/models/gpus, help texts, exit codes, --debug.
+
+Most tests run the real CLI in a subprocess from this checkout (tests/cli_helpers.py);
+the fault-injection tests call `cli.main([...])` in-process so a function can be
+monkeypatched to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator import catalog, cli, spec
+from tests.cli_helpers import REPO_ROOT, orch_env, run_orch
+from tests.test_spec import BASE, CASES, line_of
+
+EXAMPLE_JOBS = sorted((REPO_ROOT / "jobs").glob("*.yaml"))
+PRESET_NAMES = ["llama3-1b", "llama3-3b", "llama3-8b", "llama3-70b", "llama3-405b",
+                "llama2-7b", "llama2-13b", "mistral-7b", "qwen2.5-7b", "qwen2.5-72b"]
+
+
+# --- validate as a real process -------------------------------------------------------------------
+
+
+def test_validate_examples_subprocess() -> None:
+    for path in EXAMPLE_JOBS:
+        res = run_orch("validate", path.relative_to(REPO_ROOT))
+        assert (res.returncode, res.stderr) == (0, ""), path
+        assert "ok (" in res.stdout
+
+
+def test_validate_override_subprocess() -> None:
+    res = run_orch("validate", "jobs/tiny.yaml", "training.micro_batch_size=-1")
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [
+        "orch: error: jobs/tiny.yaml (override 'training.micro_batch_size=-1'): training.micro_batch_size: got -1; must be >= 1"
+    ]
+
+
+# A sample of tests/test_spec.py's cases, as real processes (exit status, stderr, no traceback).
+SUBPROCESS_SAMPLE = ["typo_nested_key", "batch_not_divisible", "unknown_preset", "non_utf8_bytes", "yaml_alias",
+                     "invalid_yaml_syntax", "nan_epochs", "nested_too_deep"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS_SAMPLE], ids=lambda c: c.id)
+def test_malformed_spec_subprocess(case, tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").write_text('{"text": "hi"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_bytes(case.content if isinstance(case.content, bytes) else case.content.encode())
+    res = run_orch("validate", "job.yaml", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("orch: error: job.yaml")
+    if case.field:
+        assert f": {case.field}: " in line
+    if case.line:
+        assert line.startswith(f"orch: error: job.yaml:{line_of(case.content, case.line)}: ")
+
+
+def test_usage_errors_exit_2_without_traceback() -> None:
+    for args in [("validate",), ("frobnicate",), ("models", "--bogus"), ()]:
+        res = run_orch(*args)
+        assert res.returncode == 2, args
+        assert "Traceback" not in res.stderr
+
+
+def test_no_command_prints_help() -> None:
+    res = run_orch()
+    assert res.returncode == 2
+    assert "usage: orch" in res.stdout and "examples:" in res.stdout
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        assert ref.startswith("#/$defs/"), ref
+        schema = root["$defs"][ref.removeprefix("#/$defs/")]
+    return schema
+
+
+_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict,
+          "null": type(None)}
+
+
+def schema_errors(value: Any, schema: dict, root: dict, path: str = "") -> list[str]:
+    """A small JSON Schema checker for the keywords pydantic emits here (jsonschema is not in the venv).
+
+    Supports $ref, anyOf, type, enum, const, properties, required, additionalProperties=false,
+    items, minimum/maximum (+exclusive), minLength/maxLength, minItems.
+    """
+    schema = _resolve(schema, root)
+    errors: list[str] = []
+    if "anyOf" in schema:
+        if all(schema_errors(value, s, root, path) for s in schema["anyOf"]):
+            errors.append(f"{path}: matches no anyOf branch")
+        return errors
+    kind = schema.get("type")
+    if kind is not None:
+        ok = isinstance(value, _TYPES[kind]) and not (kind in ("integer", "number") and isinstance(value, bool))
+        if not ok:
+            return [f"{path}: expected {kind}, got {type(value).__name__}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in enum")
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{path}: {value!r} != const")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, bad in [("minimum", value < schema.get("minimum", value)), ("maximum", value > schema.get("maximum", value)),
+                         ("exclusiveMinimum", "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]),
+                         ("exclusiveMaximum", "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"])]:
+            if bad:
+                errors.append(f"{path}: {value} violates {key}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            errors.append(f"{path}: length")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: too few items")
+        for i, item in enumerate(value):
+            errors += schema_errors(item, schema.get("items", {}), root, f"{path}.{i}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{path}.{key}: required")
+        for key, item in value.items():
+            if key in props:
+                errors += schema_errors(item, props[key], root, f"{path}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{path}.{key}: additional property")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def printed_schema() -> dict:
+    res = run_orch("schema")
+    assert (res.returncode, res.stderr) == (0, "")
+    return json.loads(res.stdout)
+
+
+def test_schema_is_json_schema_with_descriptions(printed_schema: dict) -> None:
+    assert printed_schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert printed_schema["type"] == "object" and printed_schema["additionalProperties"] is False
+    training = _resolve(printed_schema["properties"]["training"], printed_schema)
+    assert "Sequences per GPU per forward pass" in training["properties"]["micro_batch_size"]["description"]
+    assert training["properties"]["micro_batch_size"]["minimum"] == 1
+    strategy = printed_schema["properties"]["strategy"]
+    assert set(strategy["enum"]) == {"auto", *spec.STRATEGIES}
+
+
+@pytest.mark.parametrize("path", EXAMPLE_JOBS, ids=[p.name for p in EXAMPLE_JOBS])
+def test_example_jobs_match_printed_schema(path: Path, printed_schema: dict) -> None:
+    raw = yaml.safe_load(path.read_text())
+    assert schema_errors(raw, printed_schema, printed_schema) == []
+    # The fully resolved job (every default filled in) matches too.
+    job = spec.load_job(path, check_paths=False)
+    assert schema_errors(yaml.safe_load(spec.dump_job(job)), printed_schema, printed_schema) == []
+
+
+def test_schema_checker_rejects_what_the_spec_rejects(printed_schema: dict) -> None:
+    """The structural check can fail: bad values that orch rejects are also outside the schema."""
+    raw = yaml.safe_load(BASE)
+    for mutate, where in [
+        (lambda d: d["training"].update(micro_batch_size=0), ".training.micro_batch_size"),
+        (lambda d: d["training"].update(warmup_step=3), ".training.warmup_step"),
+        (lambda d: d.update(strategy="zero4"), ".strategy"),
+        (lambda d: d["data"].update(paths=[]), ".data.paths"),
+        (lambda d: d.pop("method"), ".method"),
+        (lambda d: d["model"].update(dtype="fp8"), ".model.dtype"),
+        (lambda d: d["lora"].update(target_modules=5), ".lora.target_modules"),
+    ]:
+        bad = json.loads(json.dumps(raw))
+        mutate(bad)
+        errors = schema_errors(bad, printed_schema, printed_schema)
+        assert any(e.startswith(where) for e in errors), (where, errors)
+    assert schema_errors(raw, printed_schema, printed_schema) == []
+
+
+# --- models and gpus ------------------------------------------------------------------------------
+
+
+def test_models_lists_every_preset_with_shape() -> None:
+    res = run_orch("models")
+    assert (res.returncode, res.stderr) == (0, "")
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()[1:]}
+    assert set(PRESET_NAMES) <= set(rows)
+    for name in PRESET_NAMES:
+        s = catalog.PRESETS[name]
+        _, params, layers, hidden, ffn, heads, kv, vocab, tied = rows[name]
+        assert [int(layers), int(hidden), int(ffn), int(heads), int(kv), int(vocab)] == [
+            s.num_hidden_layers, s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_key_value_heads,
+            s.vocab_size]
+        assert tied == ("yes" if s.tie_word_embeddings else "no")
+        assert params == f"{s.num_params() / 1e9:.2f}B"
+
+
+def test_models_small_model_not_zero_billion() -> None:
+    """Bug fixed: tiny-llama printed as 0.00B."""
+    res = run_orch("models")
+    row = next(line for line in res.stdout.splitlines() if line.startswith("tiny-llama"))
+    assert "0.00B" not in row
+    assert row.split()[1] == f"{catalog.PRESETS['tiny-llama'].num_params() / 1e6:.3f}M"
+
+
+def test_models_json() -> None:
+    res = run_orch("models", "--json")
+    assert res.returncode == 0
+    data = {row["name"]: row for row in json.loads(res.stdout)}
+    for name in PRESET_NAMES:
+        assert data[name]["params"] == catalog.PRESETS[name].num_params()
+        assert data[name]["hidden_size"] == catalog.PRESETS[name].hidden_size
+
+
+def test_gpus() -> None:
+    res = run_orch("gpus")
+    assert res.returncode == 0
+    for name, gpu in catalog.GPUS.items():
+        line = next(x for x in res.stdout.splitlines() if x.split()[0] == name)
+        assert f"{gpu.memory_mib / 1024:.1f} GiB" in line
+
+
+# --- help -----------------------------------------------------------------------------------------
+
+
+def _subcommands() -> dict:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices
+
+
+def test_every_subcommand_help_has_an_example() -> None:
+    subs = _subcommands()
+    assert {"validate", "schema", "models", "gpus", "plan", "compile", "submit", "train", "status", "cancel", "logs"} <= set(subs)
+    for name, sub in subs.items():
+        text = sub.format_help()
+        lines = text.splitlines()
+        i = next((k for k, line in enumerate(lines) if line.strip().lower().startswith("example")), None)
+        assert i is not None, f"`orch {name} --help` has no example"
+        assert lines[i + 1].strip().split()[0] in ("orch", "deepspeed"), name
+        for action in sub._actions:
+            if action.help != "==SUPPRESS==" and action.dest != "help":
+                assert action.help, f"orch {name}: option {action.dest} has no help"
+
+
+def test_top_level_help_subprocess() -> None:
+    res = run_orch("--help")
+    assert res.returncode == 0
+    assert "examples:" in res.stdout and "exit codes:" in res.stdout
+    for name in ("validate", "schema", "models", "gpus", "plan", "compile", "submit"):
+        assert name in res.stdout
+    res = run_orch("validate", "--help")
+    assert res.returncode == 0 and "example:\n  orch validate jobs/" in res.stdout
+
+
+# --- error handling and --debug -------------------------------------------------------------------
+
+
+def _boom(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("injected failure\nsecond line")
+
+
+def test_unexpected_error_is_one_line_without_debug(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # Fault injection: load_job is replaced by a function that raises, to stand for a bug
+    # anywhere below the CLI. The CLI's handling of it is what is tested, not load_job.
+    monkeypatch.setattr(spec, "load_job", _boom)
+    code = cli.main(["validate", "jobs/tiny.yaml"])
+    err = capsys.readouterr().err
+    assert code == cli.Exit.ERROR == 1
+    assert err.splitlines() == ["orch: error: RuntimeError: injected failure (run with --debug for the traceback)"]
+
+
+def test_debug_reraises_for_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spec, "load_job", _boom)  # fault injection, as above
+    with pytest.raises(RuntimeError, match="injected failure"):
+        cli.main(["--debug", "validate", "jobs/tiny.yaml"])
+
+
+def test_debug_spec_error_reraises(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(cli.OrchError) as exc:
+        cli.main(["--debug", "validate", str(REPO_ROOT / "jobs/tiny.yaml"), "training.lr=-1"])
+    assert exc.value.code == cli.Exit.BAD_SPEC
+
+
+_INJECT = """
+import sys
+from orchestrator import cli, spec
+def boom(*a, **k):
+    raise RuntimeError("injected failure")
+spec.load_job = boom  # fault injection: stands for a bug below the CLI
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_traceback_only_with_debug_subprocess(debug: bool) -> None:
+    args = (["--debug"] if debug else []) + ["validate", "jobs/tiny.yaml"]
+    res = subprocess.run([sys.executable, "-c", _INJECT, *args], cwd=REPO_ROOT, env=orch_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert ("Traceback (most recent call last)" in res.stderr) is debug
+    assert "RuntimeError: injected failure" in res.stderr
+
+
+def test_keyboard_interrupt_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spec, "load_job", interrupted)  # fault injection: Ctrl-C during loading
+    assert cli.main(["validate", "jobs/tiny.yaml"]) == 130
+    assert capsys.readouterr().err == "orch: interrupted\n"

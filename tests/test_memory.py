@@ -1,0 +1,298 @@
+"""The memory model: each component against hand-computed bytes for a tiny shape, plus properties.
+
+The shape is the tiny-llama preset: h=64, i=176, 2 layers, 4 heads, 2 kv heads
+(head_dim 16, q_dim 64, kv_dim 32), vocab 512, untied lm_head. Calibration
+values are passed explicitly (CAL below) so re-fitting the defaults does not
+change these hand computations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator import memory
+from orchestrator.catalog import PRESETS
+from orchestrator.memory import Calibration
+from orchestrator.spec import SpecError, load_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PRESETS["tiny-llama"]
+CAL = Calibration(
+    allocator_slack=0.1, cuda_context_bytes=500, nccl_bytes=300, fixed_allocated_bytes=1000, host_process_bytes=7000,
+    norm_fp32_copies=1.0, mlp_intermediates=3.0, backward_transient=0.5, loss_bytes_per_logit=12.0,
+    dequant_copies=1.0, adam_temp_copies=1.0, load_temp_layers=1.0, zero3_live_fraction=1.0,
+)
+
+
+def job(*overrides: str):
+    base = [
+        "model.dtype=bf16", "quantization.compute_dtype=bf16", "lora.dropout=0.0",
+        "training.micro_batch_size=4", "training.global_batch_size=8", "training.gradient_checkpointing=false",
+    ]
+    return load_job(ROOT / "jobs/tiny.yaml", base + list(overrides), check_paths=False)
+
+
+def test_tiny_shape_counts():
+    # per layer linears: q 64*64=4096, k 64*32=2048, v 2048, o 4096, gate/up/down 64*176=11264 each
+    #   = 4096+2048+2048+4096+3*11264 = 46080; 2 layers = 92160
+    # other: embed 512*64=32768 + lm_head 32768 + norms 2*2*64=256 + final norm 64 = 65856
+    c = memory.param_counts(job(), TINY)
+    assert c.linear == 92160
+    assert c.other == 65856
+    # LoRA r=8 on all 7: 8*((64+64)+(64+32)+(64+32)+(64+64)+3*(64+176)) = 8*1168 = 9344 per layer, x2
+    assert c.lora == 18688
+    assert c.trainable == 18688
+    assert c.largest_linear == 11264
+    assert memory.param_counts(job("method=full"), TINY).trainable == 92160 + 65856
+
+
+def test_packed_4bit_bytes():
+    assert memory.packed_4bit_bytes(4096, "uint8") == 2048  # 2 params per byte
+    assert memory.packed_4bit_bytes(4096, "bf16") == 2048  # 1024 bf16 elements x 2 bytes
+    assert memory.packed_4bit_bytes(5, "fp32") == 4  # 3 bytes rounded up to one fp32 element
+    assert memory.packed_4bit_bytes(5, "uint8") == 3
+
+
+def test_quant_constants():
+    # 4096 / 64 = 64 blocks
+    # plain: 64 fp32 absmax + 16-entry fp32 code = 256 + 64
+    assert memory.quant_constant_bytes(4096, 64, double_quant=False) == 320
+    # double: 64 uint8 + ceil(64/256)=1 fp32 nested absmax + fp32 offset + 256 fp32 code + 16 fp32 code
+    assert memory.quant_constant_bytes(4096, 64, double_quant=True) == 64 + 4 + 4 + 1024 + 64
+    # 1M elements, block 64: 16384 blocks -> 16384 + 64*4 + 4 + 1024 + 64
+    assert memory.quant_constant_bytes(1 << 20, 64, double_quant=True) == 16384 + 256 + 4 + 1024 + 64
+    # bigger blocks, fewer constants
+    assert memory.quant_constant_bytes(4096, 128, double_quant=False) == 32 * 4 + 64
+
+
+def test_base_weight_bytes_qlora():
+    dense, packed, consts = memory.base_weight_bytes(job(), TINY, "uint8")
+    assert dense == 65856 * 2  # embeddings, lm_head, norms in bf16
+    assert packed == 92160 // 2  # every decoder linear at 4 bit
+    # blocks per weight: q 64, k 32, v 32, o 64, gate/up/down 176 -> 720 per layer;
+    # each weight also 1 nested fp32 absmax + offset + 256 + 16 fp32 codes = 4+4+1024+64 = 1096
+    assert consts == 2 * (720 + 7 * 1096)
+    # skipping o_proj keeps it in bf16
+    dense2, packed2, _ = memory.base_weight_bytes(job("quantization.skip_modules=[lm_head, o_proj]"), TINY, "uint8")
+    assert dense2 == (65856 + 2 * 4096) * 2
+    assert packed2 == (92160 - 2 * 4096) // 2
+    # lora keeps everything in model dtype
+    assert memory.base_weight_bytes(job("method=lora"), TINY, "uint8") == ((92160 + 65856) * 2, 0, 0)
+
+
+def test_model_states_by_stage():
+    # LoRA trainable 18688 params, bf16, 2 GPUs
+    j = job("hardware.gpus_per_node=2")
+    s0 = memory.model_states(job(), "single_gpu", TINY, CAL)
+    assert s0.gpu["gradients"] == 18688 * 2
+    assert s0.gpu["master_weights"] == 18688 * 4
+    assert s0.gpu["optimizer_states"] == 18688 * 8
+    assert s0.step_temp == 18688 * 4 * 2  # flat fp32 grad + one Adam temporary
+    s2 = memory.model_states(j, "zero2", TINY, CAL)
+    assert s2.gpu["gradients"] == 9344 * 2
+    assert s2.gpu["master_weights"] == 9344 * 4
+    assert s2.gpu["optimizer_states"] == 9344 * 8
+    assert s2.gpu["weights"] == 65856 * 2  # frozen params are not sharded by ZeRO-2
+    s3 = memory.model_states(j, "zero3", TINY, CAL)
+    assert s3.gpu["weights"] == 65856 * 2 // 2
+    assert s3.gpu["weights_4bit"] == (92160 // 2) // 2  # bf16 storage, sharded
+    assert s3.gpu["lora_weights"] == 18688 * 2 // 2
+    off = memory.model_states(j, "zero3_offload_optimizer", TINY, CAL)
+    assert off.gpu["optimizer_states"] == 0 and off.step_temp == 0
+    assert off.host == {"master_weights": 9344 * 4, "optimizer_states": 9344 * 8, "fp32_gradients": 9344 * 4}
+    alloff = memory.model_states(j, "zero3_offload_all", TINY, CAL)
+    assert alloff.gpu["weights"] == 0
+    assert alloff.host["offloaded_params"] == 65856 + 92160 // 4 + 18688
+
+
+def test_fp32_model_has_no_master_copy():
+    s = memory.model_states(job("model.dtype=fp32", "quantization.compute_dtype=fp32"), "single_gpu", TINY, CAL)
+    assert s.gpu["master_weights"] == 0
+    assert s.gpu["gradients"] == 18688 * 4
+    assert s.step_temp == 18688 * 4  # only the Adam temporary
+
+
+def test_layer_activations_sdpa():
+    # per token: norm fp32 copies 2*4*64 = 512; q + expanded k,v 3*2*64 = 384; sdpa out 2*64 = 128;
+    # lse 4*4 = 16; mask 2*seq = 128; MLP gate/silu/up 3*2*176 = 1056;
+    # linear inputs read by LoRA A (no dropout): norm1 out 128 + attn out 128 + norm2 out 128 + product 352 = 736;
+    # LoRA A outputs 7*2*8 = 112  -> 3072 bytes/token; 4 x 64 tokens = 256
+    assert memory.layer_activation_bytes(job(), TINY, 256, 64, CAL) == 3072 * 256
+    # dropout > 0: the group inputs (736) are not saved; each adapted module saves its dropout output
+    # (2*in) + bool mask (1*in): 3*(64*3 [q,k,v] + 64 [o] + 64*2 [gate,up] + 176 [down]) = 3*560 = 1680
+    assert memory.layer_activation_bytes(job("lora.dropout=0.1"), TINY, 256, 64, CAL) == (3072 - 736 + 1680) * 256
+    # LoRA on q and v only, no dropout: only norm1's output is read by an adapter (-128-128-352 = -608),
+    # and 5 fewer LoRA A outputs (-5*16 = -80)
+    only_qv = job("lora.target_modules=[q_proj, v_proj]")
+    assert memory.layer_activation_bytes(only_qv, TINY, 256, 64, CAL) == (3072 - 608 - 80) * 256
+    # full finetune: every linear input saved (736), +2*2*64 for the norm weights, no LoRA terms
+    assert memory.layer_activation_bytes(job("method=full"), TINY, 256, 64, CAL) == (3072 - 112 + 256) * 256
+
+
+def test_layer_activations_eager_and_flash():
+    # eager replaces the 2*seq mask with fp32 softmax + bf16 probs per head: (4+2)*4*64 = 1536
+    assert memory.layer_activation_bytes(job("model.attn_implementation=eager"), TINY, 256, 64, CAL) == (3072 - 128 + 1536) * 256
+    assert memory.layer_activation_bytes(job("model.attn_implementation=flash_attention_2"), TINY, 256, 64, CAL) == (3072 - 128) * 256
+
+
+def test_activation_bytes_checkpointing():
+    layer = 3072 * 256
+    # final norm (4+2)*64 per token, plus the packed-rows bool mask 4 x 64 x 64 shared by all layers
+    final_norm = (4 + 2) * 64 * 256 + 4 * 64 * 64
+    saved, transient = memory.activation_bytes(job(), TINY, CAL)
+    assert saved == 2 * layer + final_norm
+    assert transient == layer // 2
+    saved, transient = memory.activation_bytes(job("training.gradient_checkpointing=true"), TINY, CAL)
+    assert saved == 2 * 2 * 64 * 256 + final_norm  # each layer's bf16 input only
+    assert transient == layer * 3 // 2  # one layer recomputed + its gradients
+
+
+def test_attention_mask():
+    assert memory.attention_mask_bytes(job()) == 4 * 64 * 64  # bool, micro batch x seq x seq
+    assert memory.attention_mask_bytes(job("model.attn_implementation=eager")) == 4 * 64 * 64 * 2
+    assert memory.attention_mask_bytes(job("model.attn_implementation=flash_attention_2")) == 0
+
+
+def test_logits_loss():
+    # 12 bytes per logit x vocab 512 x min(chunk 4096, 256 tokens)
+    assert memory.logits_loss_bytes(job(), TINY, CAL) == 12 * 512 * 256
+    assert memory.logits_loss_bytes(job("training.loss_chunk_tokens=100"), TINY, CAL) == 12 * 512 * 100
+    assert memory.logits_loss_bytes(job("training.loss_chunk_tokens=0"), TINY, CAL) == 12 * 512 * 256
+
+
+def test_dequant_and_buffers():
+    assert memory.dequant_buffer_bytes(job(), TINY, CAL) == 11264 * 2  # largest linear in bf16
+    assert memory.dequant_buffer_bytes(job("method=lora"), TINY, CAL) == 0
+    j = job("hardware.gpus_per_node=2")
+    # reduce bucket h*h = 4096 elements < 18688 trainable; ZeRO-2 keeps two, ZeRO-3 one, bf16
+    assert memory.zero_buffer_bytes(j, "zero2", TINY) == 2 * 4096 * 2
+    assert memory.zero_buffer_bytes(j, "zero3", TINY) == 4096 * 2
+    assert memory.zero_buffer_bytes(job(), "single_gpu", TINY) == 0
+    # ZeRO-3 live params: the whole (tiny) model is within the reuse distance:
+    # bf16 dense 131712 + packed 46080 + lora 37376
+    assert memory.zero3_live_param_bytes(j, "zero3", TINY, CAL) == 131712 + 46080 + 37376
+    assert memory.zero3_live_param_bytes(j, "zero2", TINY, CAL) == 0
+
+
+def test_estimate_whole_tiny_qlora():
+    e = memory.estimate(job(), "single_gpu", CAL, TINY)
+    # resident: weights 131712 + 4bit 46080 + consts 16784 + lora 37376 + grads 37376 + master 74752
+    #           + moments 149504 + fixed 1000 = 494584
+    # forward/backward: saved 2*786432 + final norm 98304 + mask 16384 = 1687552;
+    #                   loss 12*512*256 = 1572864 > layer transient 393216;
+    #                   dequant 22528 -> 3282944 (> step temp 149504)
+    assert e.phase == "forward_backward"
+    assert e.breakdown["activations"] == 1687552
+    assert e.breakdown["logits_loss"] == 1572864
+    assert e.peak_allocated == 494584 + 3282944
+    assert sum(e.breakdown.values()) == e.peak_allocated
+    # load: resident weights 131712+46080+16784+37376 + one bf16 layer 46080*2 + fp32 master 74752 + fixed 1000
+    assert e.load_peak == 231952 + 92160 + 74752 + 1000
+    # total: max(peak, load) * 1.1 + context 500 (one GPU: no NCCL)
+    assert e.total == int(e.peak_allocated * 1.1) + 500
+    assert e.cpu_bytes == 7000 and e.nvme_bytes == 0
+
+
+def test_estimate_host_and_nvme_offload():
+    j = job("hardware.gpus_per_node=2", "hardware.nvme_path=/tmp/nvme", "method=full")
+    # full: 157...: trainable 158016, shard 79008 per rank, 2 ranks per node
+    e = memory.estimate(j, "zero3_offload_optimizer", CAL, TINY)
+    assert e.cpu_breakdown["master_weights"] == 2 * 79008 * 4
+    assert e.cpu_breakdown["optimizer_states"] == 2 * 79008 * 8
+    assert e.cpu_breakdown["fp32_gradients"] == 2 * 79008 * 4
+    assert e.cpu_bytes == 2 * 79008 * 16 + 2 * 7000
+    n = memory.estimate(j, "zero3_offload_optimizer_nvme", CAL, TINY)
+    assert n.nvme_bytes == 2 * 79008 * 12  # master + moments on NVMe
+    assert "master_weights" not in n.cpu_breakdown
+
+
+def test_step_phase_for_full_finetune_without_activations():
+    # full finetune, tiny activations: the optimizer step can set the peak
+    e = memory.estimate(job("method=full", "training.micro_batch_size=1", "data.seq_len=8",
+                            "training.global_batch_size=8"), "single_gpu", CAL, TINY)
+    # step temp 158016*4*2 = 1264128 vs fwd/bwd: saved + loss 12*512*8 = 49152 + ... much smaller
+    assert e.phase == "optimizer_step"
+    assert e.breakdown["optimizer_step_temp"] == 158016 * 8
+    assert e.breakdown["activations"] == 0
+
+
+def test_loss_chunk_spec_field():
+    assert job().training.loss_chunk_tokens == 4096
+    with pytest.raises(SpecError, match="loss_chunk_tokens"):
+        job("training.loss_chunk_tokens=-1")
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError):
+        memory.estimate(job(), "zero9")
+
+
+# --- properties ---------------------------------------------------------------
+
+METHODS = st.sampled_from(["qlora", "lora", "full"])
+PRESET = st.sampled_from(["llama3-1b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "llama2-13b"])
+
+
+def big_job(preset, method, mb, seq, ckpt, gpus, attn="sdpa", chunk=4096):
+    return load_job(ROOT / "jobs/tiny.yaml", [
+        f"model.name={preset}", f"method={method}", "model.dtype=bf16", "quantization.compute_dtype=bf16",
+        f"model.attn_implementation={attn}", f"training.micro_batch_size={mb}", f"data.seq_len={seq}",
+        f"training.gradient_checkpointing={str(ckpt).lower()}", f"hardware.gpus_per_node={gpus}",
+        f"training.global_batch_size={mb * gpus}", f"training.loss_chunk_tokens={chunk}",
+    ], check_paths=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(PRESET, METHODS, st.integers(1, 8), st.integers(64, 8192), st.integers(1, 8), st.booleans(),
+       st.sampled_from(["sdpa", "eager"]), st.sampled_from([0, 1024, 4096]), st.sampled_from(["single_gpu", "zero2", "zero3"]))
+def test_more_tokens_never_less_memory(preset, method, mb, seq, extra, ckpt, attn, chunk, strategy):
+    gpus = 1 if strategy == "single_gpu" else 2
+    small = memory.estimate(big_job(preset, method, mb, seq, ckpt, gpus, attn, chunk), strategy)
+    more_batch = memory.estimate(big_job(preset, method, mb + extra, seq, ckpt, gpus, attn, chunk), strategy)
+    longer = memory.estimate(big_job(preset, method, mb, seq + extra * 64, ckpt, gpus, attn, chunk), strategy)
+    assert more_batch.peak_allocated >= small.peak_allocated
+    assert longer.peak_allocated >= small.peak_allocated
+    assert more_batch.total >= small.total
+
+
+STATE_KEYS = ("weights", "weights_4bit", "quant_constants", "lora_weights", "gradients", "master_weights", "optimizer_states")
+
+
+@settings(max_examples=40, deadline=None)
+@given(PRESET, METHODS, st.integers(1, 16))
+def test_higher_zero_stage_never_more_model_state(preset, method, gpus):
+    j = big_job(preset, method, 1, 512, True, gpus)
+    shape = j.shape()
+    order = (["single_gpu"] if gpus == 1 else []) + ["zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_all"]
+    states = [sum(memory.model_states(j, s, shape).gpu[k] for k in STATE_KEYS) for s in order]
+    assert states == sorted(states, reverse=True), dict(zip(order, states))
+
+
+@settings(max_examples=20, deadline=None)
+@given(PRESET, METHODS, st.integers(1, 7))
+def test_more_gpus_never_more_zero3_state(preset, method, gpus):
+    shape = PRESETS[preset]
+    a = sum(memory.model_states(big_job(preset, method, 1, 512, True, gpus), "zero3", shape).gpu[k] for k in STATE_KEYS)
+    b = sum(memory.model_states(big_job(preset, method, 1, 512, True, gpus + 1), "zero3", shape).gpu[k] for k in STATE_KEYS)
+    assert b <= a
+
+
+def test_checkpointing_saves_memory_on_a_real_shape():
+    on = memory.estimate(big_job("llama3-8b", "qlora", 4, 4096, True, 1), "single_gpu")
+    off = memory.estimate(big_job("llama3-8b", "qlora", 4, 4096, False, 1), "single_gpu")
+    assert off.breakdown["activations"] > 5 * on.breakdown["activations"]
+
+
+def test_70b_qlora_weights_about_37_gb():
+    j = big_job("llama3-70b", "qlora", 1, 2048, True, 1)
+    e = memory.estimate(j, "single_gpu")
+    four_bit = e.breakdown["weights_4bit"] + e.breakdown["quant_constants"]
+    # 80 layers x 855.6M linear params / 2 = 34.2 GB packed + 855.6M/64 absmax bytes x 80 = 1.07 GB
+    assert 35.0e9 < four_bit < 35.6e9
+    # plus embeddings and lm_head in bf16: 2 x 128256 x 8192 x 2 B = 4.2 GB
+    assert e.breakdown["weights"] == 2 * 128256 * 8192 * 2 + (80 * 2 + 1) * 8192 * 2
+    assert 39e9 < four_bit + e.breakdown["weights"] < 40e9

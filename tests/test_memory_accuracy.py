@@ -1,0 +1,81 @@
+"""The accuracy harness's CPU paths: config set, comparison columns, re-rendering stored results, fitting.
+
+The GPU measurements come from the lead's runs; here the "measured" values are
+SYNTHETIC (predicted x a known factor), only to check the harness arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("memory_accuracy", ROOT / "benchmarks/memory_accuracy.py")
+acc = importlib.util.module_from_spec(spec)
+sys.modules["memory_accuracy"] = acc
+spec.loader.exec_module(acc)  # type: ignore[union-attr]
+
+
+def test_config_set_covers_the_brief():
+    names = [c.name for c in acc.CONFIGS]
+    assert len(names) == len(set(names)) >= 14
+    assert {c.role for c in acc.CONFIGS} == {"calibration", "held_out"}
+    strategies = {c.strategy for c in acc.CONFIGS}
+    assert {"single_gpu", "zero2", "zero3", "zero3_offload_optimizer", "zero3_offload_all"} <= strategies
+    jobs = {c.name: acc.make_job(c, Path("/tmp/x"), Path("/tmp/x.jsonl")) for c in acc.CONFIGS}
+    models = {j.model.name for j in jobs.values() if j.method == "qlora" and j.hardware.world_size == 1}
+    assert {"llama3-1b", "llama3-8b", "llama2-13b", "llama3-70b"} <= models
+    assert any(j.method == "qlora" and c.strategy == "zero3" for c, j in zip(acc.CONFIGS, jobs.values()))
+    mbs = {j.training.micro_batch_size for j in jobs.values()}
+    seqs = {j.data.seq_len for j in jobs.values()}
+    ranks = {j.lora.r for j in jobs.values() if j.method != "full"}
+    assert min(mbs) == 1 and max(mbs) == 8 and min(seqs) == 512 and max(seqs) == 8192
+    assert min(ranks) == 8 and max(ranks) == 64
+    assert {j.training.gradient_checkpointing for j in jobs.values()} == {True, False}
+    for c, j in zip(acc.CONFIGS, jobs.values()):
+        assert j.strategy == c.strategy and j.hardware.world_size == c.gpus and j.grad_accum() == 1
+
+
+def test_comparison_columns():
+    cfg = next(c for c in acc.CONFIGS if c.name == "full-8b-zero3")
+    job = acc.make_job(cfg, Path("/tmp/x"), Path("/tmp/x.jsonl"))
+    n = job.shape().num_params()
+    # rule of thumb: 16 B/param over 2 GPUs under ZeRO-3
+    assert acc.rule_of_thumb(job, "zero3") == int(n * 16 / 2)
+    # DeepSpeed's real estimator (imports deepspeed): ZeRO-2 = 2N + 18N/W; ZeRO-3 = 4 x largest + 18N/W
+    assert acc.deepspeed_estimate(job, "zero2") == 2 * n + int(18 * n / 2)
+    largest = 128256 * 4096  # embedding
+    assert acc.deepspeed_estimate(job, "zero3") == 4 * largest + int(18 * n / 2)
+
+
+def test_from_results_and_fit(tmp_path):
+    # SYNTHETIC measurements: predicted x 1.1 everywhere -> every error is 1/1.1 - 1 = -9.09 %
+    rows = []
+    for c in acc.CONFIGS:
+        job = acc.make_job(c, Path("/tmp/x"), Path("/tmp/x.jsonl"))
+        row = {"config": c.name, "role": c.role, "strategy": c.strategy, "gpus": c.gpus, "overrides": list(c.overrides)}
+        row.update(acc.predict_row(c, job))
+        row["measured_peak_bytes"] = int(row["predicted_peak_bytes"] * 1.1)
+        row["measured_load_peak_bytes"] = row["predicted_load_peak_bytes"]
+        rows.append(row)
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"date": "synthetic", "device": "synthetic", "rows": rows}))
+    out = tmp_path / "re.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory_accuracy.py"), "--from-results", str(stored),
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert all(abs(r["error_pct"] + 9.09) < 0.01 for r in data["rows"])
+    assert data["summary"]["all"]["median_abs_pct"] == 9.09
+    assert "| qlora-70b-s1024 | calibration |" in out.with_suffix(".md").read_text()
+    # fitting only on calibration rows must reduce their error
+    fit = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory_accuracy.py"), "--from-results", str(stored),
+                          "--fit"], capture_output=True, text=True, env=env, timeout=300)
+    assert fit.returncode == 0, fit.stderr
+    line = next(x for x in fit.stdout.splitlines() if x.startswith("calibration rows:"))
+    assert float(line.split("median |err| ")[1].split(" %")[0]) < 9.09

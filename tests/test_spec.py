@@ -1,0 +1,506 @@
+"""The job spec: every example validates; every malformed spec is one line naming the field (and line).
+
+Malformed specs are real files in tmp_path, checked through the real CLI entry
+point `cli.main(["validate", ...])` in-process (the same function the `orch`
+script runs; a subprocess per case would cost ~0.5 s each on a shared 2-core
+machine). tests/test_cli.py repeats a sample of them as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pytest
+import yaml
+
+from orchestrator import catalog, cli, spec
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+# A small valid job. Line numbers matter: cases point at the line of a needle.
+BASE = """\
+name: demo
+model:
+  name: tiny-llama
+  weights: random
+  dtype: fp32
+method: qlora
+lora: {r: 8, alpha: 16}
+data:
+  paths: [data.jsonl]
+  format: text
+  seq_len: 64
+training:
+  micro_batch_size: 2
+  global_batch_size: 4
+  lr: 1.0e-3
+  max_steps: 5
+hardware:
+  gpu_memory_gb: 4
+slurm:
+  time: "00:10:00"
+"""
+
+
+def sub(old: str, new: str, text: str = BASE) -> str:
+    """BASE with one exact piece replaced (fails loudly if the piece is not there exactly once)."""
+    assert text.count(old) == 1, f"{old!r} must occur once in the base spec"
+    return text.replace(old, new)
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line of the first line containing ``needle``."""
+    for i, line in enumerate(text.splitlines(), 1):
+        if needle in line:
+            return i
+    raise AssertionError(f"{needle!r} not in spec text")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path as the current folder, with a data file and a few model folders."""
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "notes.txt").write_text("not data\n")
+    (tmp_path / "no_config").mkdir()
+    bad = tmp_path / "gpt2_model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    zero = tmp_path / "zero_heads"
+    zero.mkdir()
+    (zero / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 0, "vocab_size": 100}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@dataclass
+class Case:
+    id: str
+    content: Union[str, bytes]
+    field: Optional[str]
+    """Field path the message must name; None for file-level errors (the message names the file)."""
+    line: Optional[str] = None
+    """A needle: the message must carry the line of the first line containing it."""
+    also: Optional[str] = None
+    """Another piece the message must contain (the hint, the allowed values...)."""
+
+
+def _nested(depth: int) -> str:
+    return "name: " + "[" * depth + "]" * depth + "\n"
+
+
+CASES = [
+    # wrong types
+    Case("str_for_int", sub("seq_len: 64", "seq_len: '64'"), "data.seq_len", "seq_len", "must be an integer"),
+    Case("bool_for_int", sub("micro_batch_size: 2", "micro_batch_size: true"), "training.micro_batch_size", "micro_batch_size"),
+    Case("float_for_int", sub("max_steps: 5", "max_steps: 5.0"), "training.max_steps", "max_steps", "must be an integer"),
+    Case("exponent_float_for_int", sub("max_steps: 5", "max_steps: 1e3"), "training.max_steps", "max_steps", "got 1000.0"),
+    Case("list_for_str", sub("name: demo", "name: [a, b]"), "name", "name: [a", "must be a string"),
+    Case("section_not_mapping", sub("hardware:\n  gpu_memory_gb: 4", "hardware: [4]"), "hardware", "hardware:", "must be a section"),
+    Case("date_for_str", sub("name: demo", "name: 2024-01-01"), "name", "name: 2024"),
+    # unknown keys
+    Case("unknown_top_key", BASE + "optimizer: adam\n", "optimizer", "optimizer:", "unknown key"),
+    Case("typo_nested_key", sub("  lr: 1.0e-3", "  lr: 1.0e-3\n  warmup_step: 3"), "training.warmup_step", "warmup_step",
+         "did you mean 'warmup_steps'"),
+    Case("duplicate_key", BASE + "name: other\n", "name", "name: other", "duplicate key (first given on line 1)"),
+    # ranges
+    Case("negative_micro_batch", sub("micro_batch_size: 2", "micro_batch_size: -2"), "training.micro_batch_size",
+         "micro_batch_size", "must be >= 1"),
+    Case("seq_len_too_small", sub("seq_len: 64", "seq_len: 4"), "data.seq_len", "seq_len", "must be >= 8"),
+    Case("lr_above_one", sub("lr: 1.0e-3", "lr: 2.0"), "training.lr", "lr:", "must be <= 1"),
+    Case("huge_int", sub("max_steps: 5", "max_steps: " + "9" * 40), "training.max_steps", "max_steps", "must be <= 2147483647"),
+    Case("nan_epochs", sub("max_steps: 5", "epochs: .nan"), "training.epochs", "epochs", "finite"),
+    Case("inf_lr", sub("lr: 1.0e-3", "lr: .inf"), "training.lr", "lr:", "finite"),
+    Case("batch_not_divisible", sub("global_batch_size: 4", "global_batch_size: 5"), "training.global_batch_size",
+         "global_batch_size", "multiple of micro_batch_size x GPUs = 2 x 1 = 2"),
+    # files
+    Case("missing_data_file", sub("paths: [data.jsonl]", "paths: [data.jsonl, missing.jsonl]"), "data.paths.1", "paths:",
+         "does not exist"),
+    Case("data_wrong_suffix", sub("paths: [data.jsonl]", "paths: [notes.txt]"), "data.paths.0", "paths:", ".jsonl"),
+    Case("unknown_preset", sub("name: tiny-llama", "name: llama3-8"), "model.name", "llama3-8", "did you mean preset 'llama3-8b'"),
+    Case("model_folder_without_config", sub("name: tiny-llama", "name: no_config"), "model.name", "no_config", "has no config.json"),
+    Case("unsupported_model_type", sub("name: tiny-llama", "name: gpt2_model"), "model.name", "gpt2_model",
+         "model_type 'gpt2' is not supported"),
+    Case("config_zero_heads", sub("name: tiny-llama", "name: zero_heads"), "model.name", "zero_heads", "num_attention_heads"),
+    Case("tokenizer_not_folder", sub("  weights: random", "  weights: random\n  tokenizer: nope"), "model.tokenizer",
+         "tokenizer", "is not a folder"),
+    # enums and formats
+    Case("bad_dtype", sub("dtype: fp32", "dtype: fp8"), "model.dtype", "dtype", "allowed: 'bf16', 'fp16' or 'fp32'"),
+    Case("bad_method", sub("method: qlora", "method: dora"), "method", "method", "allowed:"),
+    Case("bad_format", sub("format: text", "format: sharegpt"), "data.format", "format", "allowed:"),
+    Case("bad_strategy", BASE + "strategy: zero4\n", "strategy", "strategy", "'zero3_offload_all_nvme'"),
+    Case("bad_wandb_mode", BASE + "logging: {wandb_mode: loud}\n", "logging.wandb_mode", "logging", "allowed:"),
+    Case("bad_block_size", BASE + "quantization: {block_size: 100}\n", "quantization.block_size", "quantization", "64, 128 or 256"),
+    Case("bad_time", sub('time: "00:10:00"', 'time: "10 minutes"'), "slurm.time", "time:", "HH:MM:SS"),
+    Case("bad_partition", sub("slurm:", "slurm:\n  partition: 'gpu; rm -rf ~'"), "slurm.partition", "partition"),
+    Case("short_sbatch_option", sub("slurm:", "slurm:\n  extra_sbatch: ['-N 2']"), "slurm.extra_sbatch", "extra_sbatch", "'--'"),
+    Case("bad_gpu_did_you_mean", sub("gpu_memory_gb: 4", "gpu: A100-80G"), "hardware.gpu", "gpu:", "did you mean A100-80GB?"),
+    Case("target_modules_int", sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: 5}"),
+         "lora.target_modules", "lora:", "must be 'all-linear' or a list"),
+    Case("target_modules_item", sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: [q_proj, 7]}"),
+         "lora.target_modules.1", "lora:", "must be a string"),
+    # Slurm reads a bare "MM:SS", so "00:20" is 20 seconds there (orch read 20 minutes): only unambiguous forms
+    Case("time_minutes_seconds_form", sub('time: "00:10:00"', 'time: "00:20"'), "slurm.time", "time:", "HH:MM:SS"),
+    Case("time_61_minutes", sub('time: "00:10:00"', 'time: "00:61:00"'), "slurm.time", "time:", "00-59"),
+    Case("time_zero", sub('time: "00:10:00"', 'time: "0:00:00"'), "slurm.time", "time:", "more than zero"),
+    Case("signal_after_time_limit", sub('time: "00:10:00"', 'time: "00:04:00"'), "slurm.signal_seconds", "slurm:",
+         "300 s must be less than slurm.time (00:04:00 = 240 s)"),
+    # cross-field rules
+    Case("nvme_without_path", BASE + "strategy: zero3_offload_optimizer_nvme\n", "hardware.nvme_path", "hardware:", "NVMe"),
+    Case("single_gpu_with_2_gpus", sub("gpu_memory_gb: 4", "gpu_memory_gb: 4\n  gpus_per_node: 2") + "strategy: single_gpu\n",
+         "strategy", "strategy:", "needs exactly 1 GPU"),
+    Case("both_steps_and_epochs", sub("max_steps: 5", "max_steps: 5\n  epochs: 1"), "training.max_steps", "max_steps", "exactly one"),
+    Case("neither_steps_nor_epochs", sub("  max_steps: 5\n", ""), "training.max_steps", "training:", "exactly one"),
+    Case("flash_attention_fp32", sub("dtype: fp32", "dtype: fp32\n  attn_implementation: flash_attention_2"),
+         "model.attn_implementation", "attn_implementation", "bf16 or fp16"),
+    Case("missing_section", sub("data:\n  paths: [data.jsonl]\n  format: text\n  seq_len: 64\n", ""), "data", None,
+         "required field is missing"),
+    # text that would break one-line output or generated scripts
+    Case("name_trailing_newline", sub("name: demo", 'name: "demo\\n"'), "name", "name: ", "one line"),
+    Case("name_nul", sub("name: demo", 'name: "de\\0mo"'), "name", "name: ", "one line"),
+    Case("output_dir_line_separator", sub("max_steps: 5", 'max_steps: 5\n  output_dir: "runs/\\u2028x"'),
+         "training.output_dir", "output_dir", "one line"),
+    # file-level problems: the message names the file
+    Case("non_mapping_yaml", "- a\n- b\n", None, None, "expected a mapping"),
+    Case("scalar_yaml", "just a string\n", None, None, "expected a mapping"),
+    Case("invalid_yaml_syntax", "name: demo\nmodel: [unclosed\nmethod: qlora\n", None, None, "invalid YAML"),
+    Case("tab_indentation", "name: demo\nmodel:\n\tname: x\n", None, None, "invalid YAML"),
+    Case("non_utf8_bytes", b"name: d\xffmo\n", None, None, "not UTF-8"),
+    Case("yaml_alias", "name: &n demo\nmodel: {name: *n}\n", None, None, "aliases"),
+    Case("empty_file", "", None, None, "expected a mapping"),
+    Case("comment_only", "# nothing here\n", None, None, "expected a mapping"),
+    Case("python_tag", "name: !!python/object/apply:os.system [echo hi]\n", None, None, "invalid YAML"),
+    Case("int_of_5000_digits", sub("max_steps: 5", "max_steps: 1" + "0" * 5000), None, None, "invalid YAML value"),
+    Case("nested_too_deep", _nested(3000), None, None, "nested too deeply"),
+]
+
+# The brief asks for at least 30 malformed cases.
+assert len(CASES) >= 30
+
+
+def _validate(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["validate", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_spec_is_one_line_naming_field(case: Case, workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    job = workdir / "job.yaml"
+    if isinstance(case.content, bytes):
+        job.write_bytes(case.content)
+    else:
+        job.write_text(case.content, encoding="utf-8")
+    code, out, err = _validate(capsys, "job.yaml")
+    assert code == cli.Exit.BAD_SPEC == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    message = lines[0]
+    assert message.startswith("orch: error: job.yaml")
+    if case.field is not None:
+        # "<file>[:line]: <field path>: ..."
+        assert re.search(rf"^orch: error: job\.yaml(:\d+)?: {re.escape(case.field)}: ", message), message
+    if case.line is not None:
+        assert isinstance(case.content, str)
+        assert message.startswith(f"orch: error: job.yaml:{line_of(case.content, case.line)}: "), message
+    if case.also is not None:
+        assert case.also in message
+
+
+def test_base_spec_is_valid(workdir: Path) -> None:
+    """The cases above fail because of their one change, not because BASE is broken."""
+    (workdir / "job.yaml").write_text(BASE)
+    job = spec.load_job("job.yaml")
+    assert job.name == "demo" and job.training.max_steps == 5 and job.grad_accum() == 2
+
+
+def test_several_problems_one_line_each(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    text = sub("dtype: fp32", "dtype: fp8", sub("seq_len: 64", "seq_len: -1"))
+    (workdir / "job.yaml").write_text(text)
+    code, _, err = _validate(capsys, "job.yaml")
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 2
+    assert any(f"job.yaml:{line_of(text, 'dtype')}: model.dtype:" in x for x in lines)
+    assert any(f"job.yaml:{line_of(text, 'seq_len')}: data.seq_len:" in x for x in lines)
+
+
+def test_union_field_gives_one_error_not_one_per_branch(workdir: Path) -> None:
+    """Bug fixed: `target_modules: 5` used to give two lines ("allowed: 'all-linear'" and "should be a valid list")."""
+    (workdir / "job.yaml").write_text(sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: {q: 1}}"))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert exc.value.problems == [
+        "job.yaml:7: lora.target_modules: got {'q': 1}; must be 'all-linear' or a list"
+    ]
+
+
+def test_union_field_bad_module_name(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: ['q proj']}"))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert exc.value.problems == ["job.yaml:7: lora.target_modules: got ['q proj']; 'q proj' is not a module name"]
+
+
+def test_nan_is_named_as_nan(workdir: Path) -> None:
+    """Bug fixed: `epochs: .nan` said "should be less than or equal to 10000"; unbounded floats
+    (max_grad_norm) accepted NaN outright."""
+    (workdir / "job.yaml").write_text(sub("lr: 1.0e-3", "lr: 1.0e-3\n  max_grad_norm: .nan"))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert "training.max_grad_norm: got nan; must be a finite number" in str(exc.value)
+
+
+def test_trailing_newline_rejected_everywhere_one_line_is_required() -> None:
+    """Bug fixed: the one-line check used re.match with `$`, which lets one trailing newline through."""
+    for bad in ("x\n", "x\r", "x\x85", "x\u2028", "x\u2029", "\x00"):
+        with pytest.raises(ValueError):
+            spec._one_line(bad, "value")
+    assert spec._one_line("Ünïcödé ok 日本", "value") == "Ünïcödé ok 日本"
+
+
+def test_exponent_floats_are_numbers(workdir: Path) -> None:
+    """Bug fixed: YAML 1.1 reads `lr: 3e-4` as the string '3e-4' (a float needs a dot), which the
+    strict spec then rejected as "not a number"."""
+    (workdir / "job.yaml").write_text(sub("lr: 1.0e-3", "lr: 3e-4"))
+    assert spec.load_job("job.yaml").training.lr == pytest.approx(3e-4)
+    assert spec.load_job("job.yaml", ["training.lr=5E-5"]).training.lr == pytest.approx(5e-5)
+    # The shared SafeLoader is left alone (other YAML in the process keeps YAML 1.1 rules).
+    assert yaml.safe_load("x: 3e-4") == {"x": "3e-4"}
+
+
+def test_duplicate_nested_key(workdir: Path) -> None:
+    text = sub("  lr: 1.0e-3", "  lr: 1.0e-3\n  lr: 0.5")
+    (workdir / "job.yaml").write_text(text)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert str(exc.value) == f"job.yaml:{line_of(text, 'lr: 0.5')}: training.lr: duplicate key (first given on line {line_of(text, 'lr:')})"
+
+
+def test_missing_and_directory_job_file(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = _validate(capsys, "nope.yaml")
+    assert (code, err.strip()) == (2, "orch: error: nope.yaml: no such file")
+    code, _, err = _validate(capsys, "no_config")
+    assert (code, err.strip()) == (2, "orch: error: no_config: is a directory, expected a YAML job file")
+
+
+# --- example jobs -------------------------------------------------------------------------------
+
+
+def test_there_are_example_jobs() -> None:
+    assert {p.name for p in EXAMPLE_JOBS} >= {"tiny.yaml", "llama70b.yaml", "llama8b_qlora_24gb.yaml",
+                                              "llama8b_full_2x80.yaml", "llama13b_full_offload.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLE_JOBS, ids=[p.name for p in EXAMPLE_JOBS])
+def test_example_job_validates(path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(REPO)  # example jobs use paths relative to the repo root
+    code, out, err = _validate(capsys, str(path.relative_to(REPO)))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"{path.relative_to(REPO)}: ok (")
+    job = spec.load_job(path.relative_to(REPO))
+    # The resolved spec round-trips: dump_job's YAML loads back to the same job.
+    again = spec.validate_dict(yaml.safe_load(spec.dump_job(job)), spec._Source("dump", {}))
+    assert again == job
+
+
+# --- overrides ----------------------------------------------------------------------------------
+
+
+def test_override_is_validated_and_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(REPO)
+    code, _, err = _validate(capsys, "jobs/tiny.yaml", "training.micro_batch_size=-1")
+    assert code == 2
+    assert err.strip() == ("orch: error: jobs/tiny.yaml (override 'training.micro_batch_size=-1'): "
+                           "training.micro_batch_size: got -1; must be >= 1")
+
+
+@pytest.mark.parametrize(
+    "override, attr, expected",
+    [
+        ("training.micro_batch_size=2", lambda j: j.training.micro_batch_size, 2),  # YAML int
+        ("training.gradient_checkpointing=true", lambda j: j.training.gradient_checkpointing, True),  # YAML bool
+        ("lora.target_modules=[q_proj,v_proj]", lambda j: j.lora.target_modules, ["q_proj", "v_proj"]),  # YAML list
+        ("training.lr=3e-4", lambda j: j.training.lr, 3e-4),
+        ("name=hello world", lambda j: j.name, "hello world"),  # plain text stays a string
+        ("training.seed=0x10", lambda j: j.training.seed, 16),  # YAML 1.1 hex int
+    ],
+)
+def test_override_values_are_yaml_scalars(workdir: Path, override: str, attr: Callable, expected: object) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    value = attr(spec.load_job("job.yaml", [override]))
+    assert value == expected and type(value) is type(expected)
+
+
+def test_override_creates_sections(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE)  # BASE has no logging, strategy or quantization section
+    job = spec.load_job("job.yaml", ["logging.wandb_mode=disabled", "quantization.type=fp4",
+                                     "hardware.nvme_path=/local/nvme", "strategy=zero3_offload_all_nvme",
+                                     "training.max_steps=null", "training.epochs=2"])
+    assert (job.logging.wandb_mode, job.quantization.type, job.hardware.nvme_path, job.strategy) == (
+        "disabled", "fp4", "/local/nvme", "zero3_offload_all_nvme")
+    assert (job.training.max_steps, job.training.epochs) == (None, 2)
+
+
+def test_override_into_new_section_is_validated(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["logging.wandb_mode=loud"])
+    assert str(exc.value).startswith("job.yaml (override 'logging.wandb_mode=loud'): logging.wandb_mode: got 'loud'; allowed:")
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["logging.colour=red"])
+    assert "logging.colour: unknown key" in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", ["training.lr", "=3", "a..b=1", "training.=1", ".x=1", "training lr=1", "9a=1", "a-b=1", ""])
+def test_malformed_override_syntax(workdir: Path, bad: str) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", [bad])
+    assert str(exc.value) == f"override {bad!r}: expected dotted.key=value, e.g. training.micro_batch_size=4"
+
+
+def test_override_into_a_scalar(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["name.first=x"])
+    assert str(exc.value) == "override 'name.first=x': name is not a section"
+
+
+def test_override_with_huge_number(workdir: Path) -> None:
+    """Bug fixed: an override of 5000 digits crashed with ValueError from int()."""
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["training.max_steps=1" + "0" * 5000])
+    assert str(exc.value).startswith("override 'training.max_steps=1000")
+
+
+def test_cross_field_error_from_override_names_override(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["training.global_batch_size=3"])
+    assert str(exc.value) == ("job.yaml (override 'training.global_batch_size=3'): training.global_batch_size: "
+                              "3 must be a multiple of micro_batch_size x GPUs = 2 x 1 = 2")
+
+
+# --- names and paths ----------------------------------------------------------------------------
+
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@pytest.mark.parametrize("name", ["..", "...", ".", "../../etc/passwd", "a/b\\c", "-rf", "日本語", "  x  ", "CON",
+                                  "a" * 128, "x\u200b", "._-", "job name (v2)"])
+def test_slug_is_one_safe_path_component(workdir: Path, name: str) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    job = spec.load_job("job.yaml", [f"name={json.dumps(name)}"])
+    slug = job.slug()
+    assert _SAFE_COMPONENT.fullmatch(slug), slug
+    assert slug not in (".", "..") and "/" not in slug and "\\" not in slug
+    assert job.output_dir() == Path("runs") / slug
+
+
+def test_slug_keeps_readable_names() -> None:
+    assert spec.safe_name("llama70b-lora") == "llama70b-lora"
+    assert spec.safe_name("my job (v2)") == "my_job_v2"
+    assert spec.safe_name("..") == "job"
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def test_schema_describes_every_field() -> None:
+    schema = spec.json_schema()
+    missing = []
+    for owner, obj in [("JobSpec", schema), *schema["$defs"].items()]:
+        for key, prop in obj.get("properties", {}).items():
+            if not prop.get("description"):
+                missing.append(f"{owner}.{key}")
+    assert missing == []
+    assert set(schema["properties"]) == set(spec.JobSpec.model_fields)
+    assert set(schema["required"]) == {"name", "model", "method", "data", "training"}
+
+
+def test_catalog_gpus_in_schema_description() -> None:
+    desc = spec.json_schema()["$defs"]["HardwareSpec"]["properties"]["gpu"]["description"]
+    assert all(name in desc for name in catalog.GPUS)
+
+
+# --- regressions found by tests/reliability/test_spec_fuzz.py -----------------------------------
+
+
+def test_unknown_key_with_newline_stays_one_line(workdir: Path) -> None:
+    """Bug fixed: an unknown key "a\\nb" was printed raw, splitting the error over two lines."""
+    (workdir / "job.yaml").write_text(sub("lr: 1.0e-3", 'lr: 1.0e-3\n  "a\\nb c": 1'))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    (problem,) = exc.value.problems
+    assert problem.startswith("job.yaml:16: training.'a\\nb c': unknown key; allowed: ")
+    assert len(problem.splitlines()) == 1
+    # A long odd key is shortened inside its quotes, so the path stays parseable.
+    (workdir / "job.yaml").write_text(BASE + f"{'é' * 80}: 1\n")
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert str(exc.value).startswith(f"job.yaml:21: '{'é' * 40}...': unknown key;")
+
+
+@pytest.mark.parametrize("key", ["str", "a[1]", "list[str]", "function-after"])
+def test_unknown_key_that_looks_like_a_pydantic_tag(workdir: Path, key: str) -> None:
+    """Bug fixed: the loc cleaning dropped every part that looked like a union branch tag,
+    so an unknown key `str` under training was reported as `training: unknown key`."""
+    text = sub("lr: 1.0e-3", f"lr: 1.0e-3\n  '{key}': 1")
+    (workdir / "job.yaml").write_text(text)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
+    assert str(exc.value).startswith(f"job.yaml:{line_of(text, key)}: training.{shown}: unknown key;")
+
+
+def test_bad_explicit_tag_is_a_spec_error(workdir: Path) -> None:
+    """Bug fixed: `!!timestamp x` made PyYAML raise AttributeError (a traceback from orch validate)."""
+    (workdir / "job.yaml").write_text(sub("name: demo", "name: !!timestamp x"))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert str(exc.value).startswith("job.yaml: invalid YAML value (AttributeError: ")
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError, match="override 'name=!!timestamp x': value is not a usable YAML"):
+        spec.load_job("job.yaml", ["name=!!timestamp x"])
+
+
+def test_deep_flow_nesting_rejected_before_parsing(workdir: Path) -> None:
+    """Thousands of '[' used to cost ~1 s of recursion in PyYAML each; now a bracket count rejects them."""
+    import time
+
+    text = BASE + "x: " + "[" * 200_000 + "]" * 200_000 + "\n"
+    (workdir / "job.yaml").write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert time.perf_counter() - start < 1.0
+    assert str(exc.value) == f"job.yaml:{line_of(text, 'x: [')}: YAML nested too deeply (more than 64 levels of [ or {{)"
+    # 64 levels are fine (and rejected only for being an unknown key).
+    (workdir / "job.yaml").write_text(BASE + "x: " + "[" * 64 + "]" * 64 + "\n")
+    with pytest.raises(spec.SpecError, match="x: unknown key"):
+        spec.load_job("job.yaml")
+
+
+def test_problem_list_is_capped(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE + "".join(f"k{i}: {i}\n" for i in range(500)))
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml")
+    assert len(exc.value.problems) == spec.MAX_PROBLEMS + 1
+    assert exc.value.problems[-1] == "job.yaml: (top level): 480 more problems not shown"
+
+
+@pytest.mark.parametrize("text, seconds", [("00:20:00", 1200), ("2-00:00:00", 172800), ("1-12", 129600),
+                                           ("1-12:30", 131400), ("100:00:00", 360000)])
+def test_slurm_time_seconds(text: str, seconds: int) -> None:
+    # Slurm's forms: D-HH = days and hours; D-HH:MM; HH:MM:SS. 1-12:30 = 86400 + 12*3600 + 30*60 = 131400.
+    assert spec.SlurmSpec(time=text).time_seconds() == seconds
