@@ -521,9 +521,23 @@ def predicted(job, strategy: str) -> Optional[tuple[int, int]]:
 
 
 def next_strategy(job, strategy: str) -> Optional[str]:
-    """The next strategy that saves more memory than ``strategy`` (the plan's fallback order)."""
+    """The next strategy that saves more memory than ``strategy``: the first later one in the plan's
+    (STRATEGIES) order that the planner says fits, else simply the next valid one."""
     from orchestrator.spec import STRATEGIES
 
+    try:
+        from orchestrator import planner
+
+        cands = planner.plan(job).candidates
+        names = [c.strategy for c in cands]
+        later = cands[names.index(strategy) + 1:] if strategy in names else []
+        fitting = [c.strategy for c in later if c.fits]
+        if fitting or later:
+            return (fitting or [later[0].strategy])[0]
+        if strategy in names:
+            return None
+    except Exception:  # noqa: BLE001 - planner missing or failing: fall back to the fixed order
+        pass
     order = [s for s in STRATEGIES if "nvme" not in s or job.hardware.nvme_path]
     if job.hardware.world_size > 1:
         order = [s for s in order if s != "single_gpu"]
