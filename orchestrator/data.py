@@ -82,7 +82,7 @@ def load_tokenizer(job: JobSpec, vocab_size: int):
 
         try:
             tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - transformers raises several types for "no tokenizer here"
             if job.model.tokenizer is not None:
                 raise DataError(f"model.tokenizer: cannot load a tokenizer from {folder!r} ({exc})") from None
             tok = byte_tokenizer()  # a config-only folder (random weights): no tokenizer files
@@ -294,6 +294,10 @@ def prepare_rows(job: JobSpec, tok, cache_dir: Path, is_main: bool, barrier: Cal
         np.savez(tmp, input_ids=rows.input_ids, position_ids=rows.position_ids, targets=rows.targets)
         os.replace(tmp, path)
     barrier()
+    if not path.exists():
+        # output_dir is not shared with rank 0 (node-local disk on a multi-node
+        # run): tokenize here; same inputs, same rows.
+        return tokenize_all(job, tok)
     with np.load(path) as z:
         return Rows(z["input_ids"], z["position_ids"], z["targets"])
 
