@@ -335,11 +335,14 @@ class Batcher:
 
     def step_rows(self, step: int) -> np.ndarray:
         """The global batch of optimizer step ``step`` (row indices, length G)."""
+        if getattr(self, "_last", (None,))[0] == step:
+            return self._last[1]  # asked once per micro batch: compute once per step
         G, N = self.global_batch, self.rows.n
         out = np.empty(G, dtype=np.int64)
         for k in range(G):
             p = step * G + k
             out[k] = self._perm(p // N)[p % N]
+        self._last = (step, out)
         return out
 
     def micro_rows(self, step: int, micro: int, rank: int) -> np.ndarray:

@@ -25,10 +25,7 @@ bitsandbytes quant state (absmax, small) stays whole on every rank.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -260,11 +260,16 @@ class Trainer:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            # one wandb run per output dir: a resumed (requeued) job continues the same run
+            id_file = self.out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id)
             self.wandb = wandb.init(
+                id=run_id,
                 project=self.job.logging.wandb_project, entity=self.job.logging.wandb_entity, name=self.job.name,
                 dir=str(self.out), config={"job": self.job.model_dump(mode="json"), "strategy": self.strategy,
                                            "world_size": self.world},
-                resume="allow" if self.resume else None,
+                resume="allow",
             )
 
     # ------------------------------------------------------------------ train
