@@ -217,10 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
 
     p = add("train", cmd_train, "run the trainer in this process (what the launcher runs on each rank)",
-            "deepspeed --num_gpus 2 -m orchestrator.train --job runs/tiny/job.yaml --ds-config ds_configs/tiny.json")
+            "deepspeed --num_gpus 2 --module orchestrator.train --job runs/tiny/job.yaml --ds-config ds_configs/tiny.json")
     _job_args(p)
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--export-hf", action="store_true", help="method full: also write <output_dir>/hf_model (Hugging Face folder)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = add("status", cmd_status, "show Slurm jobs submitted by orch", "orch status")

@@ -1,0 +1,363 @@
+"""Model building for the trainer: load or build, quantize, add LoRA, chunked loss.
+
+Imported only by the trainer (torch, transformers, peft, bitsandbytes).
+
+Loading, per rank and onto that rank's own device (``cuda:<local_rank>`` or the CPU):
+
+* ``weights: pretrained``: ``from_pretrained`` with ``device_map={"": device}`` so
+  every rank loads onto its own GPU (never all onto GPU 0); for qlora a
+  ``BitsAndBytesConfig`` built from the spec quantizes tensor by tensor while
+  the checkpoint shards stream in.
+* ``weights: random``: the model is created on the meta device (no memory), then
+  materialized one piece at a time -- embeddings, each decoder layer, final norm,
+  lm_head -- with seeded random weights; for qlora each decoder layer's linear
+  layers are quantized to 4 bit right after that layer is materialized, so the
+  load peak is the already-quantized part plus one layer in ``model.dtype``.
+  Same seed on every rank -> identical weights on every rank (data parallel
+  needs that; DeepSpeed also broadcasts from rank 0).
+
+Either way, under ZeRO-3 DeepSpeed partitions every parameter -- the packed
+4-bit weights included, which is why their storage dtype must equal the param
+dtype (a bf16 tensor of packed nibbles) -- when ``deepspeed.initialize`` wraps
+the model: after that each rank keeps 1/world of the packed weights. The
+bitsandbytes quant state (absmax, small) stays whole on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from orchestrator.spec import JobSpec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+class ModelError(Exception):
+    """A user-facing problem loading the model (one line)."""
+
+
+@dataclass
+class LoadedModel:
+    """What `load_model` returns."""
+
+    model: nn.Module
+    """The causal LM (a PEFT model for qlora/lora)."""
+    base: nn.Module
+    """The underlying HF ``*ForCausalLM`` (its ``.model`` and ``.lm_head`` are used by the chunked loss)."""
+    config: object
+    """The HF config."""
+    quantized_modules: int
+    """How many linear layers are 4-bit (0 unless qlora)."""
+
+
+# ---------------------------------------------------------------------------
+# config and attention
+
+
+def hf_config(job: JobSpec):
+    from transformers import AutoConfig
+
+    if job.model.is_preset():
+        cfg = job.shape().to_hf_config()
+        model_type = cfg.pop("model_type")
+        cfg.pop("architectures", None)
+        config = AutoConfig.for_model(model_type, **cfg)
+    else:
+        config = AutoConfig.from_pretrained(job.model.name, local_files_only=True)
+    return config
+
+
+def attn_implementation(job: JobSpec) -> str:
+    """The attention kernel: the spec's choice, checked against what is installed.
+
+    flash_attention_2 needs the flash-attn package, a CUDA device and bf16/fp16
+    (the spec already rejects fp32). sdpa is the default and always available.
+    """
+    impl = job.model.attn_implementation
+    if impl == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelError("model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn); or use sdpa")
+        if not torch.cuda.is_available():
+            raise ModelError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+    return impl
+
+
+def bnb_settings(job: JobSpec, sharded: bool) -> dict:
+    """4-bit settings from the spec. ``sharded``: ZeRO-3 partitions the weights."""
+    q = job.quantization
+    storage = q.storage_for(sharded)
+    if sharded and storage != job.model.dtype:
+        # ZeRO-3 flattens and partitions params per dtype group next to the
+        # model.dtype params; a uint8 (or other) storage would be cast/corrupted.
+        raise ModelError(
+            f"quantization.storage_dtype: ZeRO-3 shards the 4-bit weights, so the storage dtype must equal "
+            f"model.dtype ({job.model.dtype}), got {storage}"
+        )
+    return {
+        "quant_type": q.type,
+        "compress_statistics": q.double_quant,
+        "compute_dtype": torch_dtype(q.compute_dtype),
+        "quant_storage": torch_dtype(storage),
+        "blocksize": q.block_size,
+    }
+
+
+def bnb_config(job: JobSpec, sharded: bool):
+    from transformers import BitsAndBytesConfig
+
+    s = bnb_settings(job, sharded)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=s["quant_type"],
+        bnb_4bit_use_double_quant=s["compress_statistics"],
+        bnb_4bit_compute_dtype=s["compute_dtype"],
+        bnb_4bit_quant_storage=s["quant_storage"],
+        llm_int8_skip_modules=list(job.quantization.skip_modules),
+    )
+
+
+# ---------------------------------------------------------------------------
+# random weights, layer by layer
+
+
+def _init_module_(module: nn.Module, std: float, gen: torch.Generator) -> None:
+    """Seeded init of the weights of one materialized piece (HF's Llama init rule)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            sub.weight.data.normal_(0.0, std, generator=gen)
+            if sub.bias is not None:
+                sub.bias.data.zero_()
+        elif isinstance(sub, nn.Embedding):
+            sub.weight.data.normal_(0.0, std, generator=gen)
+        else:
+            for name, p in sub.named_parameters(recurse=False):
+                if name == "weight" and p.dim() == 1:  # RMSNorm
+                    p.data.fill_(1.0)
+                else:
+                    p.data.zero_()
+
+
+def _quantize_linears_(layer: nn.Module, settings: dict, skip: list[str], device: torch.device) -> int:
+    """Swap every nn.Linear in ``layer`` (not named in ``skip``) for a bitsandbytes Linear4bit.
+
+    The fp weight is quantized on ``device`` and then dropped, so only one
+    layer exists in full precision at any time. Returns how many were swapped.
+    """
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for parent_name, parent in list(layer.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or isinstance(child, bnb.nn.Linear4bit):
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if any(s == child_name or full.endswith(s) for s in skip):
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None,
+                compute_dtype=settings["compute_dtype"], compress_statistics=settings["compress_statistics"],
+                quant_type=settings["quant_type"], quant_storage=settings["quant_storage"], device="meta",
+            )
+            weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, quant_type=settings["quant_type"],
+                compress_statistics=settings["compress_statistics"], quant_storage=settings["quant_storage"],
+                blocksize=settings["blocksize"],
+            )
+            q.weight = weight.to(device)  # .to() on an unquantized Params4bit quantizes it
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, q)
+            swapped += 1
+    return swapped
+
+
+def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int) -> tuple[nn.Module, int]:
+    """Build the model from ``config`` with random weights, materialized piece by piece on ``device``.
+
+    The meta-device model has every module and shape but no storage; each piece
+    is given storage (``to_empty``), initialized from a generator seeded by
+    (seed, piece index) -- identical on every rank -- and, for qlora, its
+    decoder-layer linears are quantized before the next piece is built.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(job.model.dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
+    inner = model.model
+    std = getattr(config, "initializer_range", 0.02)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+
+    pieces: list[tuple[nn.Module, bool]] = [(inner.embed_tokens, False)]
+    pieces += [(layer, True) for layer in inner.layers]
+    pieces.append((inner.norm, False))
+    if not tied:
+        pieces.append((model.lm_head, False))
+    quantized = 0
+    for index, (piece, is_layer) in enumerate(pieces):
+        piece.to_empty(device=device)
+        gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
+        _init_module_(piece, std, gen)
+        if quant is not None and is_layer:
+            quantized += _quantize_linears_(piece, quant, list(job.quantization.skip_modules), device)
+    if tied:
+        model.lm_head.weight = inner.embed_tokens.weight
+    # Rotary frequencies are non-persistent buffers computed from the config.
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    if quant is not None:
+        # What PEFT and HF look at to treat the model as a 4-bit one.
+        model.is_loaded_in_4bit = True
+    return model, quantized
+
+
+# ---------------------------------------------------------------------------
+# the whole load
+
+
+def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> LoadedModel:
+    """Load/build the model on ``device``, quantize (qlora), add LoRA (qlora/lora) or unfreeze (full)."""
+    from orchestrator.deepspeed_config import ZERO_STAGE
+
+    sharded = ZERO_STAGE[strategy] == 3
+    config = hf_config(job)
+    quant = bnb_settings(job, sharded) if job.method == "qlora" else None
+    if job.model.weights == "random":
+        model, nquant = build_random(job, config, device, quant, seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict = dict(dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
+                            # this rank's GPU by index (never "auto", which would spread or pile onto GPU 0)
+                            device_map={"": device.index if device.type == "cuda" else "cpu"}, local_files_only=True)
+        if quant is not None:
+            kwargs["quantization_config"] = bnb_config(job, sharded)
+        model = AutoModelForCausalLM.from_pretrained(job.model.name, **kwargs)
+        nquant = count_4bit(model)
+    base = model
+    model.config.use_cache = False
+    if job.training.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (no
+        # enable_input_require_grads hack), with ZeRO-3 hooks and with kwargs.
+        # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if job.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = add_lora(job, model)
+    return LoadedModel(model=model, base=base, config=config, quantized_modules=nquant)
+
+
+def count_4bit(model: nn.Module) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def lora_target_names(model: nn.Module, job: JobSpec) -> list[str]:
+    """Leaf names of the linear layers inside the decoder blocks ('all-linear'), or the spec's list."""
+    if job.lora.target_modules != "all-linear":
+        return list(job.lora.target_modules)
+    names = set()
+    for layer in model.model.layers:
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Linear4bit":
+                names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def add_lora(job: JobSpec, model: nn.Module) -> nn.Module:
+    """Freeze the base and add LoRA adapters in model.dtype.
+
+    This is PEFT's ``prepare_model_for_kbit_training`` minus its upcast of every
+    non-4-bit weight to fp32 (embeddings and lm_head in fp32 would cost 2x their
+    memory): DeepSpeed keeps fp32 master copies of the trainable LoRA weights
+    anyway, and layer norms compute in fp32 internally.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lcfg = LoraConfig(
+        r=job.lora.r, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
+        target_modules=lora_target_names(model, job), bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
+    dtype = torch_dtype(job.model.dtype)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return peft_model
+
+
+# ---------------------------------------------------------------------------
+# loss
+
+
+class CausalLMLoss(nn.Module):
+    """The module DeepSpeed wraps: decoder forward + chunked LM head and cross-entropy.
+
+    ``forward`` returns the *sum* of token losses of the micro batch times
+    ``scale`` (the trainer passes scale = grad_accum x world / tokens in the
+    optimizer step, so after DeepSpeed's 1/grad_accum and the data-parallel
+    average the gradient is that of sum(loss) / all loss tokens of the step --
+    the same for any number of processes).
+
+    The LM head runs on ``chunk_tokens`` tokens at a time, each chunk under
+    non-reentrant activation checkpointing, so the fp32 logits of the whole
+    vocabulary exist for one chunk only (forward and backward). chunk_tokens=0
+    computes all logits at once.
+    """
+
+    def __init__(self, model: nn.Module, base: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.lm = model
+        self._base = [base]  # a list: not registered twice as a submodule
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        base = self._base[0]
+        # No attention_mask: with packed rows transformers derives the
+        # per-example (block-diagonal causal) mask from position_ids restarting
+        # at 0 -- varlen flash attention, or a 4D mask for sdpa/eager.
+        hidden = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        n = hidden.shape[0]
+        chunk = self.chunk_tokens if self.chunk_tokens > 0 else n
+        head = base.lm_head
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            h, t = hidden[start:start + chunk], flat_targets[start:start + chunk]
+            if self.chunk_tokens > 0 and torch.is_grad_enabled():
+                part = torch.utils.checkpoint.checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+            else:
+                part = _chunk_loss(head, h, t)
+            total = total + part
+        return total * scale
+
+
+def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return torch.nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,695 @@
+"""The trainer: what every rank runs (``python -m orchestrator.train --job JOB.yaml``).
+
+One recipe, four phases (`Trainer.setup`, `train`, `save`, `finish`):
+
+setup   distributed init (one device per rank: ``cuda:<local_rank>`` or the CPU),
+        tokenizer, tokenized rows (cached), model (loaded/built and quantized on
+        this rank's device, LoRA added), DeepSpeed engine, resume.
+train   optimizer steps of grad_accum micro batches; the loss is the sum of token
+        losses over all loss tokens of the step (exact for any process count);
+        logging every ``log_every`` steps; checkpoints every ``save_every``.
+save    DeepSpeed checkpoint + RNG + data position, marked complete when all
+        ranks are done; LoRA adapters in PEFT format.
+finish  summary.json (measured vs predicted peak), memory plot, wandb summary.
+
+Exit codes: 0 done; 2 bad spec/arguments/data; 5 training failed (runtime
+out-of-memory included, with predicted vs used); 75 (EX_TEMPFAIL) stopped on
+SIGUSR1/SIGTERM after writing a checkpoint -- the Slurm script requeues on 75.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_OK = 0
+EXIT_BAD_SPEC = 2
+EXIT_TRAIN_FAILED = 5
+EXIT_REQUEUE = 75  # checkpoint written after SIGUSR1/SIGTERM; requeue and resume
+
+
+class TrainError(Exception):
+    """A training failure with a one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_TRAIN_FAILED):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RankMemory:
+    """Memory statistics of one rank (bytes; None where the device has no such counter)."""
+
+    rank: int
+    load_peak_allocated: Optional[int] = None
+    """torch.cuda.max_memory_allocated after model load + engine init (None on CPU)."""
+    peak_allocated: Optional[int] = None
+    """torch.cuda.max_memory_allocated during training (None on CPU)."""
+    peak_reserved: Optional[int] = None
+    """torch.cuda.max_memory_reserved during training (None on CPU)."""
+    cpu_rss_peak: Optional[int] = None
+    """Peak resident set size of the process (ru_maxrss), all phases."""
+    cpu_rss_after_load: Optional[int] = None
+    """Resident set size right after load + engine init."""
+    params_bytes_local: Optional[int] = None
+    """Bytes of model parameters this rank holds after engine init (its ZeRO-3 partition, or everything)."""
+    params_bytes_full: Optional[int] = None
+    """Bytes of all model parameters, unpartitioned."""
+    quantized_bytes_local: Optional[int] = None
+    """Of params_bytes_local: the packed 4-bit weights (qlora)."""
+    quantized_bytes_full: Optional[int] = None
+    """Of params_bytes_full: the packed 4-bit weights (qlora)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+class Trainer:
+    """One training run on one rank."""
+
+    def __init__(self, job, strategy: str, ds_config_path: Optional[str], resume: bool, export_hf: bool = False):
+        self.job = job
+        self.export_hf = export_hf
+        self.strategy = strategy
+        self.ds_config_path = ds_config_path
+        self.resume = resume
+        self.out = job.output_dir()
+        self.stop_requested = False
+        self.step = 0
+        self.saved_step = -1
+        self.last_loss: Optional[float] = None
+        self.tokens_per_s: Optional[float] = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        for var, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                             ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(var, default)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+        import torch
+
+        self.torch = torch
+        self.rank = int(os.environ["RANK"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+            # N processes on one CPU: split the cores instead of oversubscribing them.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
+        self.dist = torch.distributed
+        job = self.job
+        if self.world != job.hardware.world_size:
+            raise TrainError(
+                f"hardware: the spec gives {job.hardware.nodes} x {job.hardware.gpus_per_node} = {job.hardware.world_size} "
+                f"processes but {self.world} were launched; set hardware.nodes/gpus_per_node to match", EXIT_BAD_SPEC)
+        self.is_main = self.rank == 0
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        self._install_signals()
+        self._seed(job.training.seed)
+
+        from orchestrator import data as D
+
+        self.shape = job.shape()
+        try:
+            self.tok = D.load_tokenizer(job, self.shape.vocab_size)
+            self.rows = D.prepare_rows(job, self.tok, self.out / "data_cache", self.is_main, self.barrier)
+        except D.DataError as exc:
+            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        self.batcher = D.Batcher(self.rows, job.training.seed, job.training.micro_batch_size, job.grad_accum(), self.world)
+        if job.training.max_steps is not None:
+            self.total_steps = job.training.max_steps
+        else:
+            self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
+
+        self._load_model()
+        self._build_engine()
+        self.ckpt_root = self.out / "checkpoints"
+        if self.resume:
+            self._resume()
+        self._setup_logging()
+
+    def _seed(self, seed: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        self.torch.manual_seed(seed)  # also seeds every CUDA device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def _install_signals(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            self.stop_requested = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    def _load_model(self) -> None:
+        from orchestrator import modeling as M
+
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        try:
+            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed)
+        except M.ModelError as exc:
+            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        self.load_seconds = time.time() - t0
+        self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
+
+    def ds_config(self) -> dict:
+        from orchestrator.deepspeed_config import build_ds_config
+
+        if self.ds_config_path:
+            try:
+                config = json.loads(Path(self.ds_config_path).read_text())
+            except (OSError, ValueError) as exc:
+                raise TrainError(f"--ds-config: cannot read {self.ds_config_path}: {exc}", EXIT_BAD_SPEC) from None
+            sched = config.get("scheduler", {}).get("params", {})
+            if self.job.training.epochs is not None and "total_num_steps" in sched:
+                # compiled with a placeholder: only now is the data size known
+                sched["total_num_steps"] = self.total_steps
+                sched["warmup_num_steps"] = min(sched.get("warmup_num_steps", 0), max(self.total_steps - 1, 0))
+        else:
+            config = build_ds_config(self.job, self.strategy, self.shape, self.total_steps)
+        return no_warmup_fix(config)
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        torch = self.torch
+        config = self.ds_config()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
+        self.memory = RankMemory(rank=self.rank)
+        self.memory.cpu_rss_after_load = _rss()
+        self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
+            self.memory.quantized_bytes_full = param_bytes(self.module)
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.memory.load_peak_allocated = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def _resume(self) -> None:
+        from orchestrator import checkpoint as C
+
+        info = C.latest(self.ckpt_root)
+        if info is None:
+            if self.is_main:
+                print(f"orch: no complete checkpoint in {self.ckpt_root}; starting from step 0", file=sys.stderr)
+            return
+        try:
+            client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method != "qlora")
+        except C.CheckpointError as exc:
+            raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
+        self.step = self.saved_step = int(client["step"])
+        if self.is_main:
+            print(f"orch: resumed from {info.path} at step {self.step}", file=sys.stderr)
+
+    def _setup_logging(self) -> None:
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.wandb = None
+        mode = self.job.logging.wandb_mode
+        if self.is_main and mode != "disabled":
+            if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                print("orch: logging.wandb_mode is online but WANDB_API_KEY is not set; logging offline", file=sys.stderr)
+                mode = "offline"
+            os.environ["WANDB_MODE"] = mode
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            # one wandb run per output dir: a resumed (requeued) job continues the same run
+            id_file = self.out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(
+                id=run_id,
+                project=self.job.logging.wandb_project, entity=self.job.logging.wandb_entity, name=self.job.name,
+                dir=str(self.out), config={"job": self.job.model_dump(mode="json"), "strategy": self.strategy,
+                                           "world_size": self.world},
+                resume="allow",
+            )
+
+    # ------------------------------------------------------------------ train
+
+    def micro_batch(self, step: int, micro: int) -> dict:
+        arrays = self.batcher.micro_batch_arrays(step, micro, self.rank)
+        return {k: self.torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+
+    def train(self) -> None:
+        torch = self.torch
+        job = self.job
+        ga = job.grad_accum()
+        log_every = job.logging.log_every
+        save_every = job.training.save_every
+        bar = None
+        if self.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=job.name, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.engine.train()
+        window_tokens = 0
+        window_start = time.time()
+        while self.step < self.total_steps:
+            step = self.step
+            step_tokens = self.batcher.step_loss_tokens(step)
+            # d(loss)/d(params) = d(sum of token losses / loss tokens of the step):
+            # DeepSpeed divides by grad_accum and averages over ranks, so scale back up.
+            scale = torch.tensor(ga * self.world / max(step_tokens, 1), device=self.device, dtype=torch.float32)
+            acc = torch.zeros((), device=self.device, dtype=torch.float32)
+            try:
+                for m in range(ga):
+                    b = self.micro_batch(step, m)
+                    loss = self.engine(b["input_ids"], b["position_ids"], b["targets"], scale)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    acc += loss.detach().float()
+            except torch.cuda.OutOfMemoryError:
+                raise TrainError(self.oom_message(), EXIT_TRAIN_FAILED) from None
+            self.step += 1
+            window_tokens += self.batcher.step_tokens(step)
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                # the only sync per log step: the step loss over all ranks
+                if self.world > 1:
+                    self.dist.all_reduce(acc)
+                self.last_loss = acc.item() / (ga * self.world)
+                now = time.time()
+                self.tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                self.log_step()
+                window_tokens, window_start = 0, time.time()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            stop = self.stop_agreed()
+            if stop or (save_every and self.step % save_every == 0 and self.step < self.total_steps):
+                self.save()
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise TrainError(f"stopped by signal at step {self.step}; checkpoint written, resume with --resume", EXIT_REQUEUE)
+        if bar is not None:
+            bar.close()
+
+    def stop_agreed(self) -> bool:
+        """True on every rank if any rank got SIGUSR1/SIGTERM (one small all-reduce per step)."""
+        if self.world == 1:
+            return self.stop_requested
+        torch = self.torch
+        flag = torch.tensor([1 if self.stop_requested else 0], device=self.device)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def memory_now(self) -> dict:
+        torch = self.torch
+        if self.cuda:
+            return {"mem_allocated": torch.cuda.memory_allocated(), "mem_reserved": torch.cuda.memory_reserved(),
+                    "mem_peak": torch.cuda.max_memory_allocated(), "cpu_rss": _rss()}
+        # CPU: there is no allocator counter; the GPU fields are null, cpu_rss is the process RSS.
+        return {"mem_allocated": None, "mem_reserved": None, "mem_peak": None, "cpu_rss": _rss()}
+
+    def log_step(self) -> None:
+        lr = self.engine.get_lr()[0] if self.engine.get_lr() else None
+        record = {"step": self.step, "rank": self.rank, "loss": self.last_loss, "lr": lr,
+                  "tokens_per_s": self.tokens_per_s, **self.memory_now(), "time": time.time()}
+        with open(self.metrics_path, "a") as f:  # one short line per write: appends from ranks do not interleave
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("rank", "time") and v is not None}, step=self.step)
+
+    def oom_message(self) -> str:
+        torch = self.torch
+        used = torch.cuda.max_memory_allocated() if self.cuda else None
+        pred = predicted(self.job, self.strategy)
+        nxt = next_strategy(self.job, self.strategy)
+        gib = lambda b: "unknown" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+        return (f"out of GPU memory on rank {self.rank} at step {self.step} with strategy {self.strategy}: "
+                f"predicted peak {gib(pred[0] if pred else None)}, used {gib(used)} (max allocated); "
+                + (f"try strategy={nxt} (orch plan shows the options)" if nxt else "no larger-saving strategy left: "
+                   "lower training.micro_batch_size or data.seq_len, or add GPUs"))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self) -> None:
+        from orchestrator import checkpoint as C
+
+        client = {"step": self.step, "data_position": self.step * self.batcher.global_batch,
+                  "seed": self.job.training.seed, "world_size": self.world}
+        C.save(self.engine, self.ckpt_root, self.step, client, self.rank, self.world, self.strategy, self.barrier)
+        self.saved_step = self.step
+        if self.job.method != "full":
+            self.save_adapter()
+
+    def save_adapter(self) -> None:
+        """LoRA adapters in PEFT format (``adapter/``). Under ZeRO-3 only the adapter params are gathered."""
+        import shutil
+
+        import deepspeed
+        from peft import get_peft_model_state_dict
+
+        peft_model = self.loaded.model
+        named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+            state = {n: p.detach().to("cpu", copy=True) for n, p in named} if self.is_main else None
+        if self.is_main:
+            target = self.out / "adapter"
+            tmp = self.out / "adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            peft_model.save_pretrained(str(tmp), state_dict=get_peft_model_state_dict(peft_model, state_dict=state))
+            self.tok.save_pretrained(str(tmp))
+            old = self.out / "adapter.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+    def export_hf_model(self) -> Optional[Path]:
+        """Full finetune -> a Hugging Face model folder ``<output_dir>/hf_model`` (model.dtype weights).
+
+        Under ZeRO-3 the parameters are gathered one at a time onto rank 0's CPU,
+        so the GPU never holds more than one whole parameter; rank 0 needs the
+        whole model in host RAM.
+        """
+        import shutil
+
+        import deepspeed
+
+        if self.job.method != "full":
+            if self.is_main:
+                print("orch: --export-hf is for method full; LoRA adapters are in adapter/ (PEFT format)", file=sys.stderr)
+            return None
+        base = self.loaded.base
+        state = {}
+        for name, p in base.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                if self.is_main:
+                    state[name] = p.detach().to("cpu", copy=True)
+        target = self.out / "hf_model"
+        if self.is_main:
+            tmp = self.out / "hf_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            base.config.use_cache = True  # for inference; training turned it off
+            base.save_pretrained(str(tmp), state_dict=state)
+            base.config.use_cache = False
+            self.tok.save_pretrained(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            print(f"orch: exported {target}", file=sys.stderr)
+        self.barrier()
+        return target
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> dict:
+        torch = self.torch
+        if self.saved_step != self.step:  # not when resumed from the final checkpoint (e.g. only to export)
+            self.save()
+        if self.export_hf:
+            self.export_hf_model()
+        mem = self.memory
+        if self.cuda:
+            mem.peak_allocated = torch.cuda.max_memory_allocated()
+            mem.peak_reserved = torch.cuda.max_memory_reserved()
+        mem.cpu_rss_peak = _peak_rss()
+        per_rank = [None] * self.world
+        if self.world > 1:
+            self.dist.all_gather_object(per_rank, asdict(mem))
+        else:
+            per_rank = [asdict(mem)]
+        summary = {}
+        if self.is_main:
+            summary = self.summary(per_rank)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                plot_memory(self.metrics_path, self.out / "memory.png", summary)
+            except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished run
+                print(f"orch: memory plot not written: {exc}", file=sys.stderr)
+            if self.wandb is not None:
+                self.wandb.summary.update({k: v for k, v in summary.items() if k != "per_rank"})
+                for r in per_rank:
+                    self.wandb.summary.update({f"rank{r['rank']}/{k}": v for k, v in r.items() if k != "rank"})
+                self.wandb.finish()
+            print(render_summary(summary), file=sys.stderr)
+        self.barrier()
+        return summary
+
+    def summary(self, per_rank: list[dict]) -> dict:
+        def top(key: str) -> Optional[int]:
+            vals = [r[key] for r in per_rank if r.get(key) is not None]
+            return max(vals) if vals else None
+
+        pred = predicted(self.job, self.strategy)
+        peak = top("peak_allocated")
+        err = None
+        if pred and peak is not None and pred[0]:
+            err = round(100.0 * (peak - pred[0]) / pred[0], 2)
+        return {
+            "job": self.job.name, "strategy": self.strategy, "world_size": self.world, "steps": self.step,
+            "final_loss": self.last_loss, "tokens_per_s": self.tokens_per_s,
+            "device": "cuda" if self.cuda else "cpu",
+            "load_peak_bytes": top("load_peak_allocated"), "peak_allocated_bytes": peak,
+            "cpu_rss_peak_bytes": top("cpu_rss_peak"), "load_seconds": round(self.load_seconds, 3),
+            "per_rank": per_rank,
+            "predicted_peak_bytes": pred[0] if pred else None,
+            "predicted_load_peak_bytes": pred[1] if pred else None,
+            "error_pct": err,
+        }
+
+    def cleanup(self) -> None:
+        try:
+            if self.dist.is_initialized():
+                self.dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+# ---------------------------------------------------------------------------
+# predictions (memory model and planner are other modules; absent until merged)
+
+
+def predicted(job, strategy: str) -> Optional[tuple[int, int]]:
+    """(predicted peak allocated, predicted load peak) from orch's memory model, or None."""
+    try:
+        from orchestrator.memory import estimate
+    except ImportError:
+        return None
+    try:
+        est = estimate(job, strategy)
+        return int(est.peak_allocated), int(est.load_peak)
+    except Exception:  # noqa: BLE001 - a prediction problem must not stop training
+        return None
+
+
+def next_strategy(job, strategy: str) -> Optional[str]:
+    """The next strategy that saves more memory than ``strategy``: the first later one in the plan's
+    (STRATEGIES) order that the planner says fits, else simply the next valid one."""
+    from orchestrator.spec import STRATEGIES
+
+    try:
+        from orchestrator import planner
+
+        cands = planner.plan(job).candidates
+        names = [c.strategy for c in cands]
+        later = cands[names.index(strategy) + 1:] if strategy in names else []
+        fitting = [c.strategy for c in later if c.fits]
+        if fitting or later:
+            return (fitting or [later[0].strategy])[0]
+        if strategy in names:
+            return None
+    except Exception:  # noqa: BLE001 - planner missing or failing: fall back to the fixed order
+        pass
+    order = [s for s in STRATEGIES if "nvme" not in s or job.hardware.nvme_path]
+    if job.hardware.world_size > 1:
+        order = [s for s in order if s != "single_gpu"]
+    if strategy in order and order.index(strategy) + 1 < len(order):
+        return order[order.index(strategy) + 1]
+    return None
+
+
+def no_warmup_fix(config: dict) -> dict:
+    """DeepSpeed's Warmup* schedulers reject warmup_num_steps=0 (the spec default).
+
+    "No warmup" becomes one warmup step that starts at the peak: min lr = max lr
+    (WarmupLR/WarmupDecayLR) or warmup_min_ratio = 1 (WarmupCosineLR), so the
+    first step already runs at training.lr, as the spec means.
+    """
+    sched = config.get("scheduler")
+    if not sched or sched.get("params", {}).get("warmup_num_steps", 1) != 0:
+        return config
+    params = sched["params"]
+    params["warmup_num_steps"] = 1
+    if sched.get("type") == "WarmupCosineLR":
+        params["warmup_min_ratio"] = 1.0
+    elif "warmup_max_lr" in params:
+        params["warmup_min_lr"] = params["warmup_max_lr"]
+    return config
+
+
+def param_bytes(module) -> tuple[int, int, int, int]:
+    """(local, full, quantized local, quantized full) parameter bytes; ZeRO-3 keeps ``ds_tensor`` (this rank's part)."""
+    local = full = q_local = q_full = 0
+    for p in module.parameters():
+        size = p.element_size()
+        n_full = getattr(p, "ds_numel", p.numel())
+        n_local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        local += n_local * size
+        full += n_full * size
+        if type(p).__name__ == "Params4bit":
+            q_local += n_local * size
+            q_full += n_full * size
+    return local, full, q_local, q_full
+
+
+def render_summary(s: dict) -> str:
+    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.3f} GiB"  # noqa: E731
+    lines = [f"orch: {s['job']}: {s['steps']} steps, final loss {s['final_loss']}, {s['strategy']} on {s['world_size']} x {s['device']}"]
+    lines.append(f"  peak allocated: measured {gib(s['peak_allocated_bytes'])}, predicted {gib(s['predicted_peak_bytes'])}, "
+                 f"error {s['error_pct'] if s['error_pct'] is not None else 'n/a'} %")
+    lines.append(f"  load peak: measured {gib(s['load_peak_bytes'])}, predicted {gib(s['predicted_load_peak_bytes'])}; "
+                 f"CPU RSS peak {gib(s['cpu_rss_peak_bytes'])}")
+    return "\n".join(lines)
+
+
+def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
+    """Memory over steps per rank (GPU allocated/reserved, or CPU RSS on CPU), with the predicted peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[int, list[dict]] = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        runs.setdefault(rec["rank"], []).append(rec)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for rank, recs in sorted(runs.items()):
+        steps = [r["step"] for r in recs]
+        if recs[0].get("mem_allocated") is not None:
+            ax.plot(steps, [r["mem_allocated"] / 2**30 for r in recs], label=f"rank {rank} allocated")
+            ax.plot(steps, [r["mem_peak"] / 2**30 for r in recs], "--", label=f"rank {rank} peak")
+            ax.plot(steps, [r["mem_reserved"] / 2**30 for r in recs], ":", label=f"rank {rank} reserved")
+        else:
+            ax.plot(steps, [r["cpu_rss"] / 2**30 for r in recs], label=f"rank {rank} CPU RSS")
+    if summary.get("predicted_peak_bytes"):
+        ax.axhline(summary["predicted_peak_bytes"] / 2**30, color="red", label="predicted peak")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"{summary['job']} ({summary['strategy']}, {summary['world_size']} ranks)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# entry points
+
+
+def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool, export_hf: bool = False) -> int:
+    from orchestrator.spec import SpecError, load_job
+
+    try:
+        job = load_job(job_path, list(overrides), for_training=True)
+    except SpecError as exc:
+        print(f"orch: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    strategy = job.strategy
+    if strategy == "auto":
+        from orchestrator import planner
+
+        try:
+            strategy = planner.resolve_strategy(job)
+        except planner.NoFitError as exc:
+            print(f"orch: error: {exc}", file=sys.stderr)
+            return 3
+    trainer = Trainer(job, strategy, ds_config, resume, export_hf)
+    try:
+        trainer.setup()
+        trainer.train()
+        trainer.finish()
+        return EXIT_OK
+    except TrainError as exc:
+        print(f"orch: error: {exc}", file=sys.stderr)
+        if exc.code == EXIT_TRAIN_FAILED and getattr(trainer, "world", 1) > 1:
+            # the other ranks may be blocked in a collective: leave now (the
+            # launcher stops them) instead of hanging in destroy_process_group
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(exc.code)
+        return exc.code
+    finally:
+        if hasattr(trainer, "dist"):
+            trainer.cleanup()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.train", description="orch trainer (one rank)")
+    p.add_argument("--job", required=True, help="compiled job YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
+    p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--export-hf", action="store_true",
+                   help="method full: also write <output_dir>/hf_model (a Hugging Face model folder) at the end; "
+                        "with --resume after the last step, only exports")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
+
+
+def main_from_cli(args: argparse.Namespace) -> int:
+    """`orch train JOB [key=value ...]`: the same run in this process."""
+    return run(args.job, args.overrides, getattr(args, "ds_config", None), getattr(args, "resume", False),
+               getattr(args, "export_hf", False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

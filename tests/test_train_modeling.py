@@ -1,0 +1,114 @@
+"""Model building: random layer-by-layer build, 4-bit quantization (real bitsandbytes on CPU),
+tied embeddings, LoRA, chunked loss. In-process, no DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from orchestrator import modeling as M
+from orchestrator.catalog import PRESETS
+from orchestrator.spec import load_job
+from tests.train_helpers import tiny_job
+
+CPU = torch.device("cpu")
+
+
+def _job(tmp_path, name="m", **sections):
+    return load_job(tiny_job(tmp_path, name, **sections), for_training=True)
+
+
+def test_random_qlora_quantizes_every_decoder_linear_and_keeps_head(tmp_path):
+    job = _job(tmp_path, method="qlora")
+    model, n = M.build_random(job, M.hf_config(job), CPU, M.bnb_settings(job, sharded=False), seed=1)
+    # 7 linears (q, k, v, o, gate, up, down) x 2 layers
+    assert n == 14 == M.count_4bit(model)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit) and model.lm_head.weight.dtype == torch.float32
+    assert all(p.device.type == "cpu" for p in model.parameters())  # nothing left on meta
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8  # unsharded: uint8 storage
+    # the 4-bit weights dequantize to the same seeded weights a plain build gets, within NF4 error
+    plain, _ = M.build_random(job, M.hf_config(job), CPU, None, seed=1)
+    q = model.model.layers[1].mlp.down_proj.weight
+    deq = bnb.functional.dequantize_4bit(q.data, q.quant_state).float()
+    ref = plain.model.layers[1].mlp.down_proj.weight
+    rel = ((deq - ref).norm() / ref.norm()).item()
+    assert rel < 0.15, rel  # NF4 of a Gaussian: ~0.1 relative error
+    ids = torch.randint(0, 259, (1, 16))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_zero3_storage_must_equal_param_dtype(tmp_path):
+    job = _job(tmp_path, method="qlora", model={"dtype": "bf16"}, quantization={"compute_dtype": "bf16", "storage_dtype": "uint8"})
+    with pytest.raises(M.ModelError, match="storage dtype must equal model.dtype"):
+        M.bnb_settings(job, sharded=True)
+    auto = _job(tmp_path, "auto", method="qlora", model={"dtype": "bf16"}, quantization={"compute_dtype": "bf16"})
+    assert M.bnb_settings(auto, sharded=True)["quant_storage"] == torch.bfloat16
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    folder = tmp_path / "tied"
+    folder.mkdir()
+    cfg = PRESETS["tiny-llama"].to_hf_config()
+    cfg["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(cfg))
+    job = _job(tmp_path, method="qlora", model={"name": str(folder)})
+    loaded = M.load_model(job, "single_gpu", CPU, seed=0)
+    base = loaded.base
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert base.lm_head.weight.device.type == "cpu"
+
+
+def test_lora_trains_only_adapters_in_model_dtype(tmp_path):
+    job = _job(tmp_path, method="qlora")
+    loaded = M.load_model(job, "single_gpu", CPU, seed=0)
+    trainable = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    # every decoder linear got an adapter: 14 modules x (A, B)
+    assert len(trainable) == 28
+
+
+def test_chunked_loss_equals_full_logits_loss(tmp_path):
+    job = _job(tmp_path, method="full")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 259, (2, 32))
+    pos = torch.arange(32).repeat(2, 1)
+    tgt = ids.roll(-1, dims=1)
+    tgt[:, -1] = -100
+    tgt[0, :5] = -100
+    results = []
+    for chunk in (0, 7):
+        loaded = M.load_model(job, "single_gpu", CPU, seed=0)
+        mod = M.CausalLMLoss(loaded.model, loaded.base, chunk)
+        loss = mod(ids, pos, tgt, torch.tensor(1.0))
+        loss.backward()
+        grad = loaded.base.model.layers[0].mlp.up_proj.weight.grad.clone()
+        results.append((loss.detach(), grad))
+    (l0, g0), (l1, g1) = results
+    ref = torch.nn.functional.cross_entropy(
+        M.load_model(job, "single_gpu", CPU, seed=0).base(input_ids=ids, position_ids=pos).logits.float().reshape(-1, 512),
+        tgt.reshape(-1), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(l0, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_pretrained_folder_loads_quantized_with_bitsandbytes(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = PRESETS["tiny-llama"].to_hf_config()
+    mt = cfg.pop("model_type")
+    cfg.pop("architectures")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg))
+    folder = tmp_path / "pre"
+    model.save_pretrained(folder)
+    job = _job(tmp_path, method="qlora", model={"name": str(folder), "weights": "pretrained"})
+    loaded = M.load_model(job, "single_gpu", CPU, seed=0)
+    assert loaded.quantized_modules == 14
+    assert not isinstance(loaded.base.lm_head, bnb.nn.Linear4bit)  # skip_modules: [lm_head]
+    ids = torch.randint(0, 259, (1, 8))
+    assert torch.isfinite(loaded.model(input_ids=ids).logits).all()
