@@ -254,6 +254,9 @@ def run_config(cfg: Config, timeout: int) -> dict:
         row["measured_peak_bytes"] = s.get("peak_allocated_bytes")
         row["measured_load_peak_bytes"] = s.get("load_peak_bytes")
         row["per_rank"] = s.get("per_rank")
+        # The same runs are the trainer's GPU validation: keep throughput and loss too.
+        row["tokens_per_s"] = s.get("tokens_per_s")
+        row["final_loss"] = s.get("final_loss")
     else:
         row["measured_peak_bytes"] = None
         row["oom"] = "out of memory" in tail.lower()
