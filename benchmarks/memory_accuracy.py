@@ -230,7 +230,9 @@ def run_config(cfg: Config, timeout: int) -> dict:
     write_data(data_path, job)
     job_path = run_dir / "job.yaml"
     job_path.write_text(dump_job(job))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_NVLS_ENABLE="0")
+    # Keep any PYTHONPATH already set (the device run installs wheels into /tmp/site).
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, NCCL_NVLS_ENABLE="0")
     if cfg.gpus == 1:
         cmd = [sys.executable, "-m", "orchestrator.train", "--job", str(job_path)]
     else:

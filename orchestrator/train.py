@@ -256,9 +256,15 @@ class Trainer:
             if mode == "online" and not os.environ.get("WANDB_API_KEY"):
                 print("orch: logging.wandb_mode is online but WANDB_API_KEY is not set; logging offline", file=sys.stderr)
                 mode = "offline"
+            try:
+                import wandb
+            except ImportError:
+                # wandb is optional at run time (the GPU image has none): metrics.jsonl still gets everything.
+                print(f"orch: logging.wandb_mode is {mode} but wandb is not installed; logging to metrics.jsonl only",
+                      file=sys.stderr)
+                return
             os.environ["WANDB_MODE"] = mode
             os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
 
             # one wandb run per output dir: a resumed (requeued) job continues the same run
             id_file = self.out / "wandb_run_id"
