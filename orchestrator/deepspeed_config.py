@@ -65,17 +65,27 @@ def bucket_sizes(shape: ModelShape) -> dict[str, int]:
 
 
 def scheduler_block(job: JobSpec, total_steps: int) -> dict:
+    """DeepSpeed's scheduler for the spec's schedule over ``total_steps`` optimizer steps.
+
+    DeepSpeed's Warmup* schedulers reject ``warmup_num_steps: 0`` (the spec's
+    default), so "no warmup" is written as one warmup step that already starts
+    at the peak: min lr = max lr (WarmupLR, WarmupDecayLR) or
+    ``warmup_min_ratio: 1`` (WarmupCosineLR). The first step then runs at
+    training.lr, as the spec means.
+    """
     t = job.training
     warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    start = 0.0 if warmup else t.lr
     kind = _SCHEDULERS[t.lr_schedule]
     if kind == "WarmupCosineLR":
-        params = {"total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_min_ratio": 0.0,
-                  "cos_min_ratio": 0.1, "warmup_type": "linear"}
+        params = {"total_num_steps": total_steps, "warmup_num_steps": max(warmup, 1),
+                  "warmup_min_ratio": 0.0 if warmup else 1.0, "cos_min_ratio": 0.1, "warmup_type": "linear"}
     elif kind == "WarmupDecayLR":
-        params = {"total_num_steps": total_steps, "warmup_num_steps": warmup, "warmup_min_lr": 0.0,
+        params = {"total_num_steps": total_steps, "warmup_num_steps": max(warmup, 1), "warmup_min_lr": start,
                   "warmup_max_lr": t.lr, "warmup_type": "linear"}
     else:
-        params = {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_type": "linear"}
+        params = {"warmup_num_steps": max(warmup, 1), "warmup_min_lr": start, "warmup_max_lr": t.lr,
+                  "warmup_type": "linear"}
     return {"type": kind, "params": params}
 
 

@@ -200,21 +200,18 @@ class Trainer:
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
 
     def ds_config(self) -> dict:
-        from orchestrator.deepspeed_config import build_ds_config
+        from orchestrator.deepspeed_config import build_ds_config, scheduler_block
 
         if self.ds_config_path:
             try:
                 config = json.loads(Path(self.ds_config_path).read_text())
             except (OSError, ValueError) as exc:
                 raise TrainError(f"--ds-config: cannot read {self.ds_config_path}: {exc}", EXIT_BAD_SPEC) from None
-            sched = config.get("scheduler", {}).get("params", {})
-            if self.job.training.epochs is not None and "total_num_steps" in sched:
-                # compiled with a placeholder: only now is the data size known
-                sched["total_num_steps"] = self.total_steps
-                sched["warmup_num_steps"] = min(sched.get("warmup_num_steps", 0), max(self.total_steps - 1, 0))
-        else:
-            config = build_ds_config(self.job, self.strategy, self.shape, self.total_steps)
-        return no_warmup_fix(config)
+            if self.job.training.epochs is not None and "scheduler" in config:
+                # compiled before the data size was known: only now is the step count
+                config["scheduler"] = scheduler_block(self.job, self.total_steps)
+            return config
+        return build_ds_config(self.job, self.strategy, self.shape, self.total_steps)
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -555,25 +552,6 @@ def next_strategy(job, strategy: str) -> Optional[str]:
     if strategy in order and order.index(strategy) + 1 < len(order):
         return order[order.index(strategy) + 1]
     return None
-
-
-def no_warmup_fix(config: dict) -> dict:
-    """DeepSpeed's Warmup* schedulers reject warmup_num_steps=0 (the spec default).
-
-    "No warmup" becomes one warmup step that starts at the peak: min lr = max lr
-    (WarmupLR/WarmupDecayLR) or warmup_min_ratio = 1 (WarmupCosineLR), so the
-    first step already runs at training.lr, as the spec means.
-    """
-    sched = config.get("scheduler")
-    if not sched or sched.get("params", {}).get("warmup_num_steps", 1) != 0:
-        return config
-    params = sched["params"]
-    params["warmup_num_steps"] = 1
-    if sched.get("type") == "WarmupCosineLR":
-        params["warmup_min_ratio"] = 1.0
-    elif "warmup_max_lr" in params:
-        params["warmup_min_lr"] = params["warmup_max_lr"]
-    return config
 
 
 def param_bytes(module) -> tuple[int, int, int, int]:

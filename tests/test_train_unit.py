@@ -29,14 +29,14 @@ def test_latest_ignores_checkpoints_without_marker(tmp_path):
 
 @pytest.mark.parametrize("schedule,kind", [("constant", "WarmupLR"), ("linear", "WarmupDecayLR"), ("cosine", "WarmupCosineLR")])
 def test_no_warmup_starts_at_peak_lr(tmp_path, schedule, kind):
-    """DeepSpeed's schedulers reject warmup 0; the fix must give lr = training.lr from the first step."""
+    """DeepSpeed's schedulers reject warmup 0; the generated config must give lr = training.lr from the first step."""
     import torch
     from deepspeed.runtime import lr_schedules
 
     from orchestrator.deepspeed_config import build_ds_config
 
     job = load_job(tiny_job(tmp_path, schedule, training={"lr_schedule": schedule, "warmup_steps": 0, "lr": 0.01}))
-    config = T.no_warmup_fix(build_ds_config(job, "single_gpu", job.shape(), 6))
+    config = build_ds_config(job, "single_gpu", job.shape(), 6)
     sched = config["scheduler"]
     assert sched["type"] == kind and sched["params"]["warmup_num_steps"] == 1
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
