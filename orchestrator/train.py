@@ -660,6 +660,13 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
         except planner.NoFitError as exc:
             print(f"orch: error: {exc}", file=sys.stderr)
             return 3
+    from orchestrator import preflight
+
+    try:  # again here: the job may run on a node that sees another file system than the submitter
+        preflight.check_output_dir(job.output_dir(), preflight.checkpoint_bytes(job, strategy))
+    except preflight.PreflightError as exc:
+        print(f"orch: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     trainer = Trainer(job, strategy, ds_config, resume, export_hf)
     try:
         trainer.setup()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import checkpoint
+from orchestrator import checkpoint, preflight
+from orchestrator.spec import load_job
 from tests.train_helpers import check, env, losses, out_dir, run_trainer, tiny_job
 
 
@@ -64,6 +65,10 @@ def test_kill9_during_checkpoint_write_resumes_exactly(tmp_path: Path) -> None:
     assert not (half / checkpoint.MARKER).exists()
     picked = checkpoint.latest(root)
     assert picked is not None and picked.step == 2, f"resume would pick {picked}"
+    # the preflight's planned checkpoint size is an upper bound of the real one (and not wildly above it)
+    on_disk = sum(p.stat().st_size for p in picked.path.rglob("*") if p.is_file())
+    planned = preflight.checkpoint_bytes(load_job(job, check_paths=False), "single_gpu")
+    assert on_disk <= planned < 3 * on_disk, (on_disk, planned)
 
     check(run_trainer(job, args=("--resume",)))
     got = losses(out)
