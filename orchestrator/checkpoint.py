@@ -16,7 +16,10 @@ not run; `load` says so when the world size differs.
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+import time
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +96,7 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+    _test_pause_in_save(step)
     barrier()  # every rank's files are on disk
     if rank == 0:
         tmp = path / (MARKER + ".tmp")
@@ -100,6 +104,16 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
         tmp.replace(path / MARKER)
     barrier()
     return path
+
+
+def _test_pause_in_save(step: int) -> None:
+    """TEST-ONLY fault injection: ``ORCH_TEST_PAUSE_IN_SAVE=<step>`` sleeps here, after this
+    rank's files are written and before ``COMPLETE``, so a test can SIGKILL the trainer
+    mid-save deterministically (tests/reliability/test_crash_resume.py). Unset in real runs."""
+    want = os.environ.get("ORCH_TEST_PAUSE_IN_SAVE")
+    if want and want == str(step):
+        print(f"ORCH_TEST_PAUSE_IN_SAVE: paused in save of step {step}", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def load(engine, info: CheckpointInfo, rank: int, world: int, strict: bool) -> dict:

@@ -77,6 +77,7 @@ def submit(job: JobSpec, args: argparse.Namespace) -> int:
         print()
         print(compiled.sbatch, end="")
         return cli.Exit.OK
+    preflight(compiled)
     if args.local:
         return run_local(compiled, resume=args.resume)
     from orchestrator import compiler
@@ -91,6 +92,17 @@ def submit(job: JobSpec, args: argparse.Namespace) -> int:
     print(f"submitted job {job_id}")
     print(f"log: {log_file(compiled.job, compiled.paths, job_id)}")
     return cli.Exit.OK
+
+
+def preflight(compiled) -> None:
+    """The output dir is writable and has room for a checkpoint: fail here, not after the queue wait."""
+    from orchestrator import preflight as P
+
+    cli = _cli()
+    try:
+        P.check_output_dir(compiled.job.output_dir(), P.checkpoint_bytes(compiled.job, compiled.strategy))
+    except P.PreflightError as exc:
+        raise cli.OrchError(str(exc), cli.Exit.SUBMIT_FAILED) from None
 
 
 def local_command(compiled, resume: bool, port: int) -> list[str]:

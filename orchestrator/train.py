@@ -295,6 +295,9 @@ class Trainer:
         self.engine.train()
         window_tokens = 0
         window_start = time.time()
+        # TEST-ONLY: ORCH_TEST_RAISE_OOM_AT_STEP=<n> raises CUDA OOM inside step n, so the
+        # out-of-memory path is tested on CPU (tests/reliability/test_runtime_faults.py). Unset in real runs.
+        oom_at = int(os.environ.get("ORCH_TEST_RAISE_OOM_AT_STEP") or 0)
         while self.step < self.total_steps:
             step = self.step
             step_tokens = self.batcher.step_loss_tokens(step)
@@ -303,6 +306,8 @@ class Trainer:
             scale = torch.tensor(ga * self.world / max(step_tokens, 1), device=self.device, dtype=torch.float32)
             acc = torch.zeros((), device=self.device, dtype=torch.float32)
             try:
+                if oom_at == step + 1:  # TEST-ONLY fault injection (ORCH_TEST_RAISE_OOM_AT_STEP)
+                    raise torch.cuda.OutOfMemoryError("ORCH_TEST_RAISE_OOM_AT_STEP")
                 for m in range(ga):
                     b = self.micro_batch(step, m)
                     loss = self.engine(b["input_ids"], b["position_ids"], b["targets"], scale)
@@ -310,6 +315,8 @@ class Trainer:
                     self.engine.step()
                     acc += loss.detach().float()
             except torch.cuda.OutOfMemoryError:
+                if bar is not None:
+                    bar.close()  # ends the progress line, so the error is a line of its own
                 raise TrainError(self.oom_message(), EXIT_TRAIN_FAILED) from None
             self.step += 1
             window_tokens += self.batcher.step_tokens(step)
@@ -631,6 +638,13 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
         except planner.NoFitError as exc:
             print(f"orch: error: {exc}", file=sys.stderr)
             return 3
+    from orchestrator import preflight
+
+    try:  # again here: the job may run on a node that sees another file system than the submitter
+        preflight.check_output_dir(job.output_dir(), preflight.checkpoint_bytes(job, strategy))
+    except preflight.PreflightError as exc:
+        print(f"orch: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
     trainer = Trainer(job, strategy, ds_config, resume, export_hf)
     try:
         trainer.setup()

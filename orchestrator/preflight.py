@@ -1,0 +1,59 @@
+"""Checks of the environment that run before any GPU time is spent.
+
+`orch submit` runs them before sbatch (and before the local launcher), and the
+trainer runs them again at start (the job may run on a node that sees another
+file system). Pure Python, no torch: `checkpoint_bytes` is integer arithmetic on
+the spec and the model shape, like the memory model it borrows from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from orchestrator import memory
+from orchestrator.deepspeed_config import ZERO_STAGE
+from orchestrator.spec import JobSpec
+
+FP32 = 4
+
+
+class PreflightError(Exception):
+    """The environment cannot run this job (one line, naming the path)."""
+
+
+def checkpoint_bytes(job: JobSpec, strategy: str) -> int:
+    """Bytes one checkpoint takes on disk, summed over all ranks.
+
+    DeepSpeed saves the module state dict (frozen base weights included, in
+    their stored form: 4-bit packed + quant constants for qlora) plus the
+    optimizer state of the trained parameters: fp32 master copy, Adam m and v
+    (3 x 4 bytes each; an fp32 model's master copy is counted too, which keeps
+    the estimate an upper bound). LoRA methods also write the adapter
+    (``adapter/``, model.dtype). Small files (RNG, client state) are ignored.
+    """
+    shape = job.shape()
+    counts = memory.param_counts(job, shape)
+    storage = job.quantization.storage_for(ZERO_STAGE[strategy] == 3)
+    kept, packed, consts = memory.base_weight_bytes(job, shape, storage)
+    d = memory.DTYPE_BYTES[job.model.dtype]
+    weights = kept + packed + consts + counts.lora * d
+    adapter = counts.lora * d
+    return weights + counts.trainable * 3 * FP32 + adapter
+
+
+def check_output_dir(out: Path, need: int) -> None:
+    """``out`` (or its nearest existing parent) is a writable folder with ``need`` bytes free."""
+    probe = Path(os.path.abspath(out))
+    while not probe.exists():
+        probe = probe.parent
+    field = "training.output_dir"
+    if not probe.is_dir():
+        raise PreflightError(f"{field}: {str(out)!r} cannot be created: {str(probe)!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PreflightError(f"{field}: {str(probe)!r} is not writable")
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise PreflightError(f"{field}: {str(probe)!r} has {free / 2**30:.1f} GiB free, one checkpoint of this job "
+                             f"needs {need / 2**30:.1f} GiB")

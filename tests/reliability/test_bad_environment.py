@@ -1,0 +1,134 @@
+"""Bad environment: each problem is a one-line error with a non-zero exit code,
+before anything is submitted or trained, and nothing is written for it.
+
+Real `orch` subprocesses and the real trainer. Already proven elsewhere (not
+repeated here): sbatch rejecting the job -> tests/test_slurm_cli.py::
+test_sbatch_rejection_is_one_line_exit_4 (real sbatch, local Slurm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import preflight, spec
+from tests.cli_helpers import REPO_ROOT, run_orch
+from tests.train_helpers import env as train_env
+from tests.train_helpers import tiny_job
+
+TINY = REPO_ROOT / "jobs" / "tiny.yaml"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("orch: error:"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def _submit(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_orch("submit", TINY, "strategy=single_gpu", f"training.output_dir={tmp_path}/run", *overrides,
+                    "--out", tmp_path / "gen", env=env)
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    proc = _submit(tmp_path, f"data.paths=[{tmp_path}/gone.jsonl]")
+    _one_line_error(proc, 2, "data.paths.0", "gone.jsonl", "does not exist")
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file; CI runs the tests as a normal user")
+def test_unreadable_data_file(tmp_path: Path) -> None:
+    data = tmp_path / "secret.jsonl"
+    shutil.copy(REPO_ROOT / "jobs" / "data" / "tiny.jsonl", data)
+    data.chmod(0)
+    proc = _submit(tmp_path, f"data.paths=[{data}]")
+    _one_line_error(proc, 2, "data.paths.0", "cannot read")
+    assert _files(tmp_path / "gen") == []
+
+
+def test_model_folder_without_config_json(tmp_path: Path) -> None:
+    folder = tmp_path / "mymodel"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    proc = _submit(tmp_path, f"model.name={folder}")
+    _one_line_error(proc, 2, "model.name", "config.json")
+    assert _files(tmp_path / "gen") == [] and not (tmp_path / "run").exists()
+
+
+def test_no_sbatch_on_path(tmp_path: Path) -> None:
+    # The interpreter is called by its absolute path; PATH holds no Slurm client.
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = _submit(tmp_path, env={"PATH": str(empty)})
+    _one_line_error(proc, 4, "sbatch not found on PATH")
+
+
+def test_output_dir_cannot_be_created_submit_and_trainer(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = _submit(tmp_path, f"training.output_dir={blocker}/run")
+    _one_line_error(proc, 4, "training.output_dir", "is not a folder")
+    assert _files(tmp_path / "gen") == []
+    # the trainer checks again before loading anything (the job may run on another node)
+    job = tiny_job(tmp_path, "t", training={"output_dir": f"{blocker}/run"})
+    trained = subprocess.run([sys.executable, "-m", "orchestrator.train", "--job", str(job)], cwd=tmp_path,
+                             env=train_env(), capture_output=True, text=True, timeout=300)
+    _one_line_error(trained, 2, "training.output_dir", "is not a folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 500 folder; CI runs the tests as a normal user")
+def test_output_dir_not_writable(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        proc = _submit(tmp_path, f"training.output_dir={ro}/run")
+        _one_line_error(proc, 4, "training.output_dir", "not writable")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_dir_without_room_for_a_checkpoint(tmp_path: Path) -> None:
+    job_file = REPO_ROOT / "jobs" / "llama13b_full_offload.yaml"
+    job = spec.load_job(job_file, check_paths=False)
+    need = preflight.checkpoint_bytes(job, "zero3_offload_all")
+    free = shutil.disk_usage(tmp_path).free
+    if free >= need:
+        pytest.skip(f"{tmp_path} has {free} bytes free, more than a 13B full checkpoint ({need})")
+    proc = run_orch("submit", job_file, f"training.output_dir={tmp_path}/run", "--out", tmp_path / "gen",
+                    env={"PATH": str(tmp_path)})  # no sbatch: the space check must come first
+    _one_line_error(proc, 4, "training.output_dir", "GiB free", "needs")
+    assert _files(tmp_path) == []
+
+
+def test_checkpoint_bytes_hand_computed() -> None:
+    # tiny-llama: hidden 64, intermediate 176, 2 layers, 4 heads of 16, 2 kv heads, vocab 512, untied.
+    # per layer linears: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12,288; mlp 3*64*176 = 33,792 -> 46,080
+    # per layer norms 2*64 = 128; embeddings 512*64 = 32,768; lm_head 32,768; final norm 64
+    n = 2 * (46_080 + 128) + 32_768 + 32_768 + 64  # = 158,016
+    assert n == 158_016
+    base = spec.load_job(TINY, check_paths=False)
+    full = spec.load_job(TINY, ["method=full"], check_paths=False)
+    # full fp32: weights 4 B + fp32 master, Adam m, v 12 B per parameter
+    assert preflight.checkpoint_bytes(full, "single_gpu") == n * 4 + n * 12
+    lora = spec.load_job(TINY, ["method=lora", "lora.target_modules=all-linear", "lora.r=8"], check_paths=False)
+    # LoRA r=8 per layer: r*(in+out): q 8*128 + k 8*96 + v 8*96 + o 8*128 + gate/up/down 3*8*240 = 9,344; 2 layers
+    a = 2 * (1024 + 768 + 768 + 1024 + 3 * 1920)  # = 18,688
+    # weights (base + lora, fp32) + optimizer 12 B per lora param + the adapter copy (fp32)
+    assert preflight.checkpoint_bytes(lora, "single_gpu") == (n + a) * 4 + a * 12 + a * 4
+    assert base.method == "qlora"  # qlora: fewer weight bytes than lora (4-bit linears)
+    assert preflight.checkpoint_bytes(base, "single_gpu") < preflight.checkpoint_bytes(lora, "single_gpu")
