@@ -158,6 +158,8 @@ class Trainer:
         else:
             self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
 
+        # Built before the model: under ZeRO-3 the model is constructed already partitioned with it.
+        self.config = self.ds_config()
         self._load_model()
         self._build_engine()
         self.ckpt_root = self.out / "checkpoints"
@@ -193,7 +195,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
-            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed)
+            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.config)
         except M.ModelError as exc:
             raise TrainError(str(exc), EXIT_BAD_SPEC) from None
         self.load_seconds = time.time() - t0
@@ -220,7 +222,7 @@ class Trainer:
         import deepspeed
 
         torch = self.torch
-        config = self.ds_config()
+        config = self.config
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
         self.memory = RankMemory(rank=self.rank)
