@@ -64,6 +64,9 @@ class RankMemory:
     """Bytes of model parameters this rank holds after engine init (its ZeRO-3 partition, or everything)."""
     params_bytes_full: Optional[int] = None
     """Bytes of all model parameters, unpartitioned."""
+    params_bytes_local_built: Optional[int] = None
+    """Bytes of model parameters this rank holds right after the model is built/loaded, before
+    deepspeed.initialize (ZeRO-3 lora/full: already its partition; otherwise the whole model)."""
     quantized_bytes_local: Optional[int] = None
     """Of params_bytes_local: the packed 4-bit weights (qlora)."""
     quantized_bytes_full: Optional[int] = None
@@ -199,6 +202,7 @@ class Trainer:
         except M.ModelError as exc:
             raise TrainError(str(exc), EXIT_BAD_SPEC) from None
         self.load_seconds = time.time() - t0
+        self.params_bytes_local_built = param_bytes(self.loaded.model)[0]
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
 
     def ds_config(self) -> dict:
@@ -227,6 +231,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
         self.memory = RankMemory(rank=self.rank)
         self.memory.cpu_rss_after_load = _rss()
+        self.memory.params_bytes_local_built = self.params_bytes_local_built
         self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
             self.memory.quantized_bytes_full = param_bytes(self.module)
         if self.cuda:

@@ -263,3 +263,26 @@ def test_demo_job_trains_in_seconds(tmp_path):
     assert len(l) == 30 and l[30] < l[1] - 0.3, l  # measured 6.27 -> 5.71
     assert summary(tmp_path / "tiny")["predicted_peak_bytes"] > 0  # orch's memory model was consulted
     assert elapsed < 120, elapsed  # ~25 s on the 2-core dev machine, including imports
+
+
+def test_full_zero3_builds_partitioned_half_params_per_rank(full_z3):
+    # The model is built inside zero.Init: right after load (before deepspeed.initialize) each of the 2 ranks holds its partition
+    # (ds_tensor) of every param -- ceil(numel / 2) elements, fp32 -- never the whole model.
+    from orchestrator.catalog import PRESETS
+
+    shape = PRESETS["tiny-llama"]
+    h = shape.hidden_size
+    per_layer = [a * b for a, b in shape.linear_shapes().values()] + [h, h]  # 7 linears + 2 RMSNorms
+    numels = [shape.embedding_params()] + per_layer * shape.num_hidden_layers + [h]
+    if not shape.tie_word_embeddings:
+        numels.append(shape.lm_head_params())
+    full = sum(numels) * 4
+    expected_local = sum(-(-n // 2) for n in numels) * 4
+    s = summary(out_dir(full_z3))
+    assert s["world_size"] == 2 and len(s["per_rank"]) == 2
+    for r in s["per_rank"]:
+        assert r["params_bytes_full"] == full
+        # measured right after load_model, before deepspeed.initialize: already partitioned
+        assert r["params_bytes_local_built"] == expected_local
+        assert r["params_bytes_local"] == expected_local
+        assert r["params_bytes_local"] <= full // 2 + 4 * len(numels)
