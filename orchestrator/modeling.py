@@ -16,7 +16,13 @@ Loading, per rank and onto that rank's own device (``cuda:<local_rank>`` or the 
   Same seed on every rank -> identical weights on every rank (data parallel
   needs that; DeepSpeed also broadcasts from rank 0).
 
-Either way, under ZeRO-3 DeepSpeed partitions every parameter -- the packed
+Under ZeRO-3 with lora/full (``load_model`` gets the DeepSpeed config) the model
+is never whole on a rank: random weights are built inside ``deepspeed.zero.Init``
+and initialized one gathered piece at a time with the same seeded values
+(``build_random_zero3``); pretrained weights load through ``HfDeepSpeedConfig``.
+
+For qlora under ZeRO-3 (4-bit weights cannot be created inside zero.Init)
+DeepSpeed partitions every parameter -- the packed
 4-bit weights included, which is why their storage dtype must equal the param
 dtype (a bf16 tensor of packed nibbles) -- when ``deepspeed.initialize`` wraps
 the model: after that each rank keeps 1/world of the packed weights. The

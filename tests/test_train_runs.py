@@ -286,3 +286,32 @@ def test_full_zero3_builds_partitioned_half_params_per_rank(full_z3):
         assert r["params_bytes_local_built"] == expected_local
         assert r["params_bytes_local"] == expected_local
         assert r["params_bytes_local"] <= full // 2 + 4 * len(numels)
+
+
+def test_pretrained_zero3_loads_partitioned_and_matches(tmp_path):
+    # A saved tiny model folder loaded with from_pretrained: under ZeRO-3 (HfDeepSpeedConfig) each of
+    # 2 ranks holds only its partition right after load, and the loss curve matches 1 process.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orchestrator.catalog import PRESETS
+
+    cfg = PRESETS["tiny-llama"].to_hf_config()
+    mt = cfg.pop("model_type")
+    cfg.pop("architectures")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg))
+    folder = tmp_path / "pre"
+    model.save_pretrained(folder)
+    full = sum(p.numel() for p in model.parameters()) * 4
+    local = sum(-(-p.numel() // 2) for p in model.parameters()) * 4
+    pre = {"model": {"name": str(folder), "weights": "pretrained"}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = tiny_job(tmp_path / "a", "pre1", **pre)
+    z3 = tiny_job(tmp_path / "b", "prez3", strategy="zero3", **pre)
+    check(run_trainer(one, 1))
+    check(run_trainer(z3, 2))
+    _parity(one, z3, PARITY_RTOL)
+    for r in summary(out_dir(z3))["per_rank"]:
+        assert r["params_bytes_full"] == full
+        assert r["params_bytes_local_built"] == local
