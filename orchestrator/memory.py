@@ -91,10 +91,6 @@ class Calibration:
 
 CALIBRATION = Calibration()
 
-# The trainer (modeling.py on branch train) builds the whole model on every rank's GPU and lets
-# deepspeed.initialize partition it for ZeRO-3, so the load peak under ZeRO-3 is the *unsharded*
-# model. If the trainer switches to deepspeed.zero.Init / CPU loading, set this to False.
-ZERO3_LOADS_FULL_MODEL = True
 
 COMPONENTS = (
     "weights",
@@ -488,9 +484,15 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
     partition (Adam moments are created lazily at the first step), and:
     stage 0 (DeepSpeed's unfused bf16 wrapper around torch AdamW) clones each
     trainable param to fp32 and nothing else; stage 2 flattens via the CPU (no
-    GPU copy); stage 3 allocates its flat bf16 gradient partition. Under ZeRO-3 the model is whole on every
-    rank before initialize partitions it (ZERO3_LOADS_FULL_MODEL), so the load
-    peak is the unsharded model.
+    GPU copy); stage 3 allocates its flat bf16 gradient partition.
+
+    ZeRO-3, lora/full: the trainer builds the model already partitioned
+    (deepspeed.zero.Init for random weights, HfDeepSpeedConfig for pretrained),
+    gathering one piece at a time to initialize/load it, so the load peak is the
+    sharded states plus the largest piece whole in model.dtype: one decoder layer
+    or the vocab x hidden embedding / lm_head.
+    ZeRO-3, qlora: 4-bit weights cannot be created inside zero.Init, so the whole
+    (4-bit) model sits on every rank until initialize partitions it.
     """
     stage = ZERO_STAGE[strategy]
     d = DTYPE_BYTES[job.model.dtype]
@@ -503,9 +505,13 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
     master = states.gpu["master_weights"]
     if stage in (0, 2):
         return resident + temp + master
-    full_model = dense + packed + consts + counts.lora * d + temp
     sharded = resident + master + states.gpu["gradients"]
-    return max(full_model, sharded) if ZERO3_LOADS_FULL_MODEL else sharded + temp
+    if job.method != "qlora":
+        layer = shape.layer_linear_params() + shape.layer_other_params()
+        largest_piece = max(layer, shape.embedding_params(), shape.lm_head_params())
+        return sharded + largest_piece * d
+    full_model = dense + packed + consts + counts.lora * d + temp
+    return max(full_model, sharded)
 
 
 # ---------------------------------------------------------------------------

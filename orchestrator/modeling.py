@@ -16,7 +16,13 @@ Loading, per rank and onto that rank's own device (``cuda:<local_rank>`` or the 
   Same seed on every rank -> identical weights on every rank (data parallel
   needs that; DeepSpeed also broadcasts from rank 0).
 
-Either way, under ZeRO-3 DeepSpeed partitions every parameter -- the packed
+Under ZeRO-3 with lora/full (``load_model`` gets the DeepSpeed config) the model
+is never whole on a rank: random weights are built inside ``deepspeed.zero.Init``
+and initialized one gathered piece at a time with the same seeded values
+(``build_random_zero3``); pretrained weights load through ``HfDeepSpeedConfig``.
+
+For qlora under ZeRO-3 (4-bit weights cannot be created inside zero.Init)
+DeepSpeed partitions every parameter -- the packed
 4-bit weights included, which is why their storage dtype must equal the param
 dtype (a bf16 tensor of packed nibbles) -- when ``deepspeed.initialize`` wraps
 the model: after that each rank keeps 1/world of the packed weights. The
@@ -56,6 +62,9 @@ class LoadedModel:
     """The HF config."""
     quantized_modules: int
     """How many linear layers are 4-bit (0 unless qlora)."""
+    zero3_config: object = None
+    """The HfDeepSpeedConfig that made transformers load partitioned (pretrained under ZeRO-3);
+    kept referenced because transformers only holds a weak reference to it."""
 
 
 # ---------------------------------------------------------------------------
@@ -222,19 +231,83 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
     return model, quantized
 
 
+def build_random_zero3(job: JobSpec, config, ds_config: dict, device: torch.device, seed: int) -> nn.Module:
+    """``build_random`` for ZeRO-3 (lora/full): the model is created already partitioned.
+
+    Under ``deepspeed.zero.Init`` every parameter is split across ranks as its
+    module is constructed, so no rank ever holds the whole model. Each piece is
+    then gathered alone (``GatheredParameters``), rank 0 writes the same seeded
+    values as ``build_random`` (same generator per (seed, piece index), same
+    ``_init_module_``) and DeepSpeed re-partitions it from rank 0's copy.
+    transformers' own init under zero.Init touches only the empty local shards
+    (no gather, no RNG draws) and is overwritten anyway.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(job.model.dtype)
+    # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
+    # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
+    # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
+    inner = model.model
+    std = getattr(config, "initializer_range", 0.02)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    pieces: list[nn.Module] = [inner.embed_tokens, *inner.layers, inner.norm]
+    if not tied:
+        pieces.append(model.lm_head)
+    for index, piece in enumerate(pieces):
+        with deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=0):
+            if rank == 0:
+                gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
+                _init_module_(piece, std, gen)
+    if tied:
+        model.lm_head.weight = inner.embed_tokens.weight
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    return model
+
+
 # ---------------------------------------------------------------------------
 # the whole load
 
 
-def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> LoadedModel:
-    """Load/build the model on ``device``, quantize (qlora), add LoRA (qlora/lora) or unfreeze (full)."""
+def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
+               ds_config: Optional[dict] = None) -> LoadedModel:
+    """Load/build the model on ``device``, quantize (qlora), add LoRA (qlora/lora) or unfreeze (full).
+
+    ``ds_config``: the DeepSpeed config the trainer will initialize with. Under
+    ZeRO-3 for lora/full it is used to build/load the model already
+    partitioned; qlora under ZeRO-3 loads whole (4-bit weights cannot be created
+    inside zero.Init) and is partitioned by ``deepspeed.initialize``.
+    """
     from orchestrator.deepspeed_config import ZERO_STAGE
 
     sharded = ZERO_STAGE[strategy] == 3
+    partitioned_load = sharded and job.method != "qlora" and ds_config is not None
     config = hf_config(job)
     quant = bnb_settings(job, sharded) if job.method == "qlora" else None
-    if job.model.weights == "random":
+    keep_alive = None
+    if job.model.weights == "random" and partitioned_load:
+        model, nquant = build_random_zero3(job, config, ds_config, device, seed), 0
+    elif job.model.weights == "random":
         model, nquant = build_random(job, config, device, quant, seed)
+    elif partitioned_load:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, transformers sees ZeRO-3 enabled and loads each checkpoint
+        # tensor straight into partitioned params (no device_map: DeepSpeed places the shards).
+        keep_alive = HfDeepSpeedConfig(ds_config)
+        model = AutoModelForCausalLM.from_pretrained(
+            job.model.name, dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
+            local_files_only=True)
+        nquant = 0
     else:
         from transformers import AutoModelForCausalLM
 
@@ -260,7 +333,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int) -> 
             p.requires_grad_(True)
     else:
         model = add_lora(job, model)
-    return LoadedModel(model=model, base=base, config=config, quantized_modules=nquant)
+    return LoadedModel(model=model, base=base, config=config, quantized_modules=nquant, zero3_config=keep_alive)
 
 
 def count_4bit(model: nn.Module) -> int:

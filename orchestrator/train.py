@@ -64,6 +64,9 @@ class RankMemory:
     """Bytes of model parameters this rank holds after engine init (its ZeRO-3 partition, or everything)."""
     params_bytes_full: Optional[int] = None
     """Bytes of all model parameters, unpartitioned."""
+    params_bytes_local_built: Optional[int] = None
+    """Bytes of model parameters this rank holds right after the model is built/loaded, before
+    deepspeed.initialize (ZeRO-3 lora/full: already its partition; otherwise the whole model)."""
     quantized_bytes_local: Optional[int] = None
     """Of params_bytes_local: the packed 4-bit weights (qlora)."""
     quantized_bytes_full: Optional[int] = None
@@ -158,6 +161,8 @@ class Trainer:
         else:
             self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
 
+        # Built before the model: under ZeRO-3 the model is constructed already partitioned with it.
+        self.config = self.ds_config()
         self._load_model()
         self._build_engine()
         self.ckpt_root = self.out / "checkpoints"
@@ -193,10 +198,11 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
-            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed)
+            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.config)
         except M.ModelError as exc:
             raise TrainError(str(exc), EXIT_BAD_SPEC) from None
         self.load_seconds = time.time() - t0
+        self.params_bytes_local_built = param_bytes(self.loaded.model)[0]
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
 
     def ds_config(self) -> dict:
@@ -217,11 +223,12 @@ class Trainer:
         import deepspeed
 
         torch = self.torch
-        config = self.ds_config()
+        config = self.config
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
         self.memory = RankMemory(rank=self.rank)
         self.memory.cpu_rss_after_load = _rss()
+        self.memory.params_bytes_local_built = self.params_bytes_local_built
         self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
             self.memory.quantized_bytes_full = param_bytes(self.module)
         if self.cuda:

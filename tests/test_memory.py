@@ -296,3 +296,26 @@ def test_70b_qlora_weights_about_37_gb():
     # plus embeddings and lm_head in bf16: 2 x 128256 x 8192 x 2 B = 4.2 GB
     assert e.breakdown["weights"] == 2 * 128256 * 8192 * 2 + (80 * 2 + 1) * 8192 * 2
     assert 39e9 < four_bit + e.breakdown["weights"] < 40e9
+
+
+def test_zero3_load_peak_sharded_plus_one_piece():
+    # ZeRO-3 lora/full: the model is built partitioned (zero.Init / HfDeepSpeedConfig), one piece
+    # gathered at a time. Largest tiny piece: a decoder layer = linears 46080 + 2 norms 2*64 = 46208
+    # elements (> embedding 512*64 = 32768 = lm_head), bf16 -> 46208*2 = 92416 bytes on top of the
+    # sharded states.
+    for method in ("full", "lora"):
+        j = job(f"method={method}", "hardware.gpus_per_node=2")
+        s = memory.model_states(j, "zero3", TINY, CAL)
+        sharded = sum(s.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights",
+                                         "master_weights", "gradients"))
+        assert memory.load_peak_bytes(j, "zero3", TINY, s, CAL) == sharded + 92416
+        # the dense weights are sharded: 2 GPUs hold half of bf16 157952 elements (full: 315904 bytes)
+        if method == "full":
+            assert s.gpu["weights"] == (92160 + 65856) * 2 // 2
+    # qlora cannot build 4-bit weights inside zero.Init: the whole model is on each rank at load.
+    # dense bf16 131712 + packed (bf16 storage under ZeRO-3) 46080 + consts + lora 37376 + one bf16 layer 92160
+    j = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16")
+    s = memory.model_states(j, "zero3", TINY, CAL)
+    dense, packed, consts = memory.base_weight_bytes(j, TINY, "bf16")
+    assert (dense, packed) == (131712, 46080)
+    assert memory.load_peak_bytes(j, "zero3", TINY, s, CAL) == 131712 + 46080 + consts + 37376 + 92160
