@@ -26,21 +26,24 @@ class PreflightError(Exception):
 def checkpoint_bytes(job: JobSpec, strategy: str) -> int:
     """Bytes one checkpoint takes on disk, summed over all ranks.
 
-    DeepSpeed saves the module state dict (frozen base weights included, in
-    their stored form: 4-bit packed + quant constants for qlora) plus the
-    optimizer state of the trained parameters: fp32 master copy, Adam m and v
-    (3 x 4 bytes each; an fp32 model's master copy is counted too, which keeps
-    the estimate an upper bound). LoRA methods also write the adapter
-    (``adapter/``, model.dtype). Small files (RNG, client state) are ignored.
+    full: the module state dict (model.dtype weights) plus the optimizer state of
+    every parameter: fp32 master copy, Adam m and v (3 x 4 bytes; an fp32 model's
+    master copy is counted too, which keeps the estimate an upper bound).
+    lora/qlora: the frozen base weights are left out (checkpoint.save), so the
+    module state holds the LoRA weights plus, for qlora, the quant constants that
+    bitsandbytes writes as extra state; then the LoRA optimizer state and the
+    PEFT adapter copy (``adapter/``, model.dtype). Small files (RNG, client
+    state) are ignored.
     """
     shape = job.shape()
     counts = memory.param_counts(job, shape)
-    storage = job.quantization.storage_for(ZERO_STAGE[strategy] == 3)
-    kept, packed, consts = memory.base_weight_bytes(job, shape, storage)
     d = memory.DTYPE_BYTES[job.model.dtype]
-    weights = kept + packed + consts + counts.lora * d
+    if job.method == "full":
+        return counts.total * d + counts.trainable * 3 * FP32
+    storage = job.quantization.storage_for(ZERO_STAGE[strategy] == 3)
+    _, _, consts = memory.base_weight_bytes(job, shape, storage)
     adapter = counts.lora * d
-    return weights + counts.trainable * 3 * FP32 + adapter
+    return consts + counts.lora * d + counts.trainable * 3 * FP32 + adapter
 
 
 def check_output_dir(out: Path, need: int) -> None:

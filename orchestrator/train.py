@@ -245,7 +245,7 @@ class Trainer:
                 print(f"orch: no complete checkpoint in {self.ckpt_root}; starting from step 0", file=sys.stderr)
             return
         try:
-            client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method != "qlora")
+            client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method == "full")
         except C.CheckpointError as exc:
             raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
         self.step = self.saved_step = int(client["step"])
@@ -394,7 +394,8 @@ class Trainer:
 
         client = {"step": self.step, "data_position": self.step * self.batcher.global_batch,
                   "seed": self.job.training.seed, "world_size": self.world}
-        C.save(self.engine, self.ckpt_root, self.step, client, self.rank, self.world, self.strategy, self.barrier)
+        C.save(self.engine, self.ckpt_root, self.step, client, self.rank, self.world, self.strategy, self.barrier,
+               exclude_frozen=self.job.method != "full")
         self.saved_step = self.step
         if self.job.method != "full":
             self.save_adapter()

@@ -128,7 +128,12 @@ def test_checkpoint_bytes_hand_computed() -> None:
     lora = spec.load_job(TINY, ["method=lora", "lora.target_modules=all-linear", "lora.r=8"], check_paths=False)
     # LoRA r=8 per layer: r*(in+out): q 8*128 + k 8*96 + v 8*96 + o 8*128 + gate/up/down 3*8*240 = 9,344; 2 layers
     a = 2 * (1024 + 768 + 768 + 1024 + 3 * 1920)  # = 18,688
-    # weights (base + lora, fp32) + optimizer 12 B per lora param + the adapter copy (fp32)
-    assert preflight.checkpoint_bytes(lora, "single_gpu") == (n + a) * 4 + a * 12 + a * 4
-    assert base.method == "qlora"  # qlora: fewer weight bytes than lora (4-bit linears)
-    assert preflight.checkpoint_bytes(base, "single_gpu") < preflight.checkpoint_bytes(lora, "single_gpu")
+    # frozen base left out: lora weights (fp32) + optimizer 12 B per lora param + the adapter copy (fp32)
+    assert preflight.checkpoint_bytes(lora, "single_gpu") == a * 4 + a * 12 + a * 4
+    # qlora (r=8, all linears, block 64, double quant) adds bnb's quant state per 4-bit linear:
+    # absmax blocks numel/64 as uint8 (q 64, k 32, v 32, o 64, gate/up/down 176 each = 720 per layer)
+    # + per linear one fp32 nested absmax, one fp32 offset, the 256-entry fp32 code, the 16-entry fp32 NF4 code
+    # = 4 + 4 + 1024 + 64 = 1,096 bytes x 7 linears; 2 layers
+    consts = 2 * (720 + 7 * 1_096)  # = 16,784
+    assert base.method == "qlora" and base.lora.r == 8
+    assert preflight.checkpoint_bytes(base, "single_gpu") == consts + a * 4 + a * 12 + a * 4
