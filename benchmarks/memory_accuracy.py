@@ -387,11 +387,32 @@ def fit(rows: list[dict]) -> memory.Calibration:
     return cal
 
 
+def merge_results(results: list[dict]) -> tuple[dict, list[dict]]:
+    """One row per config (CONFIGS order) from several device calls' result files.
+
+    A row that measured something replaces an earlier row of the same config; a failed
+    row never replaces a measured one. Returns (meta: devices and dates joined, rows).
+    """
+    by_name: dict[str, dict] = {}
+    for res in results:
+        for row in res["rows"]:
+            old = by_name.get(row["config"])
+            if old is None or row.get("measured_peak_bytes") is not None or old.get("measured_peak_bytes") is None:
+                by_name[row["config"]] = row
+    order = {c.name: i for i, c in enumerate(CONFIGS)}
+    rows = sorted(by_name.values(), key=lambda r: order.get(r["config"], len(order)))
+    meta = {"device": ", ".join(sorted({r.get("device", "") for r in results} - {""})),
+            "date": ", ".join(sorted({str(r.get("date", ""))[:10] for r in results} - {""}))}
+    return meta, rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated config names")
     ap.add_argument("--list", action="store_true", help="list configs with their predictions and exit")
-    ap.add_argument("--from-results", metavar="FILE", help="re-render predictions for stored measurements (no GPU)")
+    ap.add_argument("--from-results", metavar="FILE", nargs="+",
+                    help="re-render predictions for stored measurements (no GPU); several files (one per device "
+                         "call) are merged, a measured row of a later file replacing the same config's earlier row")
     ap.add_argument("--fit", action="store_true", help="with --from-results: fit Calibration on the calibration rows")
     ap.add_argument("--out", default=str(RESULTS / "memory_accuracy.json"))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per config")
@@ -417,15 +438,14 @@ def main() -> int:
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "calibration": dataclasses.asdict(memory.CALIBRATION)}
     if args.from_results:
-        stored = json.loads(Path(args.from_results).read_text())
-        rows = stored["rows"]
+        stored, rows = merge_results([json.loads(Path(f).read_text()) for f in args.from_results])
         if args.only:
             rows = [r for r in rows if r["config"] in args.only.split(",")]
         if args.fit:
             fit(rows)
             return 0
         rows = repredict(rows, memory.CALIBRATION)
-        meta.update(device=stored.get("device", ""), measured_on=stored.get("date"), repredicted=True)
+        meta.update(device=stored["device"], measured_on=stored["date"], sources=args.from_results, repredicted=True)
         print_table(rows)
         save(rows, meta, Path(args.out))
         return 0

@@ -79,3 +79,17 @@ def test_from_results_and_fit(tmp_path):
     assert fit.returncode == 0, fit.stderr
     line = next(x for x in fit.stdout.splitlines() if x.startswith("calibration rows:"))
     assert float(line.split("median |err| ")[1].split(" %")[0]) < 9.09
+
+
+def test_merge_results_keeps_measured_rows_in_config_order():
+    a, b, c = (cfg.name for cfg in acc.CONFIGS[:3])
+    first = {"device": "H100", "date": "2026-11-23T10:00:00", "rows": [
+        {"config": b, "measured_peak_bytes": 100}, {"config": a, "measured_peak_bytes": None}]}
+    second = {"device": "H100", "date": "2026-11-24T10:00:00", "rows": [
+        {"config": b, "measured_peak_bytes": None}, {"config": a, "measured_peak_bytes": 7},
+        {"config": c, "measured_peak_bytes": 9}]}
+    meta, rows = acc.merge_results([first, second])
+    assert [r["config"] for r in rows] == [a, b, c]
+    # a later failure never hides a measurement; a later measurement replaces a failure
+    assert [r["measured_peak_bytes"] for r in rows] == [7, 100, 9]
+    assert meta == {"device": "H100", "date": "2026-11-23, 2026-11-24"}
