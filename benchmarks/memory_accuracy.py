@@ -126,10 +126,10 @@ def _deep_set(data: dict, dotted: str, value) -> None:
     data[leaf] = value
 
 
-def make_job(cfg: Config, run_dir: Path, data_path: Path) -> JobSpec:
+def make_job(cfg: Config, run_dir: Path, data_path: Path, name_prefix: str = "memacc") -> JobSpec:
     """The resolved job for a config, validated like any spec (nothing is written)."""
     base = json.loads(json.dumps(BASE))
-    base["name"] = f"memacc-{cfg.name}"
+    base["name"] = f"{name_prefix}-{cfg.name}"
     _deep_set(base, "data.paths", [str(data_path)])
     _deep_set(base, "training.output_dir", str(run_dir))
     _deep_set(base, "hardware.gpus_per_node", cfg.gpus)
@@ -220,35 +220,54 @@ def finish_row(row: dict) -> dict:
 # Running
 
 
-def run_config(cfg: Config, timeout: int) -> dict:
-    run_dir = RUNS / cfg.name
+def prepare_run(cfg: Config, run_dir: Path, name_prefix: str = "memacc") -> tuple[JobSpec, Path]:
+    """A fresh ``run_dir`` with synthetic data and the resolved job YAML; the trainer writes into run_dir/out."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     data_path = run_dir / "data.jsonl"
-    job = make_job(cfg, run_dir / "out", data_path)
+    job = make_job(cfg, run_dir / "out", data_path, name_prefix)
     write_data(data_path, job)
     job_path = run_dir / "job.yaml"
     job_path.write_text(dump_job(job))
+    return job, job_path
+
+
+def child_env() -> dict:
+    """Environment for benchmark subprocesses: the repo importable, NVLink multicast off."""
     # Keep any PYTHONPATH already set (the device run installs wheels into /tmp/site).
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, PYTHONPATH=pythonpath, NCCL_NVLS_ENABLE="0")
+    return dict(os.environ, PYTHONPATH=pythonpath, NCCL_NVLS_ENABLE="0")
+
+
+def trainer_command(cfg: Config, job_path: Path) -> list[str]:
+    """orch's trainer: plain python on 1 GPU, the deepspeed launcher on more."""
     if cfg.gpus == 1:
-        cmd = [sys.executable, "-m", "orchestrator.train", "--job", str(job_path)]
-    else:
-        port = str(29500 + random.Random(cfg.name).randrange(1000))
-        cmd = ["deepspeed", "--num_gpus", str(cfg.gpus), "--master_port", port, "--module", "orchestrator.train",
-               "--job", str(job_path)]
-    row = {"config": cfg.name, "role": cfg.role, "strategy": cfg.strategy, "gpus": cfg.gpus,
-           "overrides": list(cfg.overrides), "command": " ".join(cmd)}
-    row.update(predict_row(cfg, job))
+        return [sys.executable, "-m", "orchestrator.train", "--job", str(job_path)]
+    port = str(29500 + random.Random(cfg.name).randrange(1000))
+    return ["deepspeed", "--num_gpus", str(cfg.gpus), "--master_port", port, "--module", "orchestrator.train",
+            "--job", str(job_path)]
+
+
+def run_logged(cmd: list[str], env: dict, timeout: int, tail_chars: int = 3000) -> tuple[int, str, float]:
+    """Run ``cmd`` from the repo root: (return code, last output characters, seconds); 124 on timeout."""
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-tail_chars:]
     except subprocess.TimeoutExpired:
         rc, tail = 124, "timed out"
-    row["seconds"] = round(time.time() - start, 1)
+    return rc, tail, round(time.time() - start, 1)
+
+
+def run_config(cfg: Config, timeout: int) -> dict:
+    run_dir = RUNS / cfg.name
+    job, job_path = prepare_run(cfg, run_dir)
+    cmd = trainer_command(cfg, job_path)
+    row = {"config": cfg.name, "role": cfg.role, "strategy": cfg.strategy, "gpus": cfg.gpus,
+           "overrides": list(cfg.overrides), "command": " ".join(cmd)}
+    row.update(predict_row(cfg, job))
+    rc, tail, row["seconds"] = run_logged(cmd, child_env(), timeout)
     row["returncode"] = rc
     summary_path = run_dir / "out" / "summary.json"
     if rc == 0 and summary_path.exists():

@@ -1,0 +1,574 @@
+"""Throughput: orch's trainer vs a plain Hugging Face Trainer + PEFT baseline doing the same job (issue 7).
+
+    PYTHONPATH=$PWD python benchmarks/throughput.py --list
+    PYTHONPATH=$PWD python benchmarks/throughput.py                            # all cases (GPU machine)
+    PYTHONPATH=$PWD python benchmarks/throughput.py --only qlora-8b-s2048-mb1 --steps 12
+    PYTHONPATH=$PWD python benchmarks/throughput.py --tiny                     # CPU smoke test (tiny-llama)
+
+For each case, on the same machine and one after the other, each in its own
+process (fresh CUDA context, clean peak-memory counters):
+
+* orch: the resolved job YAML (memory_accuracy's BASE + overrides, random
+  weights, synthetic packed text) run by ``python -m orchestrator.train``
+  (``deepspeed --num_gpus N --module orchestrator.train`` on N > 1 GPUs);
+  step end times and per-step peak memory come from ``<output_dir>/metrics.jsonl``
+  (``log_every: 1``; the trainer syncs the GPU once per logged step with ``loss.item()``).
+* baseline: ``python benchmarks/throughput.py --baseline-worker CASE --job JOB.yaml --out FILE``
+  (``torchrun`` on N > 1 GPUs): the same shape as a transformers model built from
+  config, random weights, 4-bit via bitsandbytes ``Linear4bit`` for qlora, then the
+  standard PEFT recipe (``prepare_model_for_kbit_training`` for qlora,
+  ``get_peft_model`` with the same LoRA r/alpha/dropout on all linear layers) and
+  ``transformers.Trainer`` (adamw_torch, bf16 autocast, gradient checkpointing,
+  no checkpoint saving). A ``TrainerCallback`` records each step's end time after
+  ``torch.cuda.synchronize()``. The rows are exactly the ones orch trains on
+  (orch's tokenizer and packing of the same file), passed with ``position_ids``
+  so both sides run the same block-diagonal packed attention.
+
+Throughput: processed tokens (micro batch x seq_len x GPUs per step, padding
+included -- both sides run the model on full rows) over the wall time from the
+end of step ``--warmup`` to the end of the last step, i.e. the warm-up steps
+(CUDA/cuBLAS init, allocator growth, optimizer state creation) are excluded.
+orch's own ``tokens_per_s`` (loss-bearing tokens of the last log window) is kept
+as ``reported_tokens_per_s`` for reference only.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` during training (counters reset
+after the model is built; max over ranks). orch's trainer also saves a final
+checkpoint after the last step; its peak is taken from the per-step records, so
+that save is not in it. No checkpoint is written during the timed steps
+(``save_every: 0``; the baseline uses ``save_strategy="no"``).
+
+MFU = tokens/s x FLOPs per token / (GPUs x peak dense bf16 FLOP/s). FLOPs per
+token follow PaLM (appendix B): 6 N + 12 L (heads x head_dim) T, N = matmul
+weights (decoder linears + LM head; the embedding lookup is no matmul), T = seq_len.
+The 6 N convention counts weight gradients; with LoRA/QLoRA the frozen base gets
+none (about 4 N is really computed), and gradient-checkpointing recompute is not
+counted either, so MFU here is comparable between the two sides and with
+published MFU numbers, not a hardware utilization.
+
+Results: benchmarks/results/throughput.json (+ .md). Nothing in this file is a
+measurement: run it on the GPU machine (benchmarks/device/throughput.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.memory_accuracy import Config, child_env, make_job, prepare_run, run_logged, trainer_command  # noqa: E402
+from orchestrator.catalog import GIB, PRESETS, ModelShape  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs" / "throughput"
+
+# Peak dense (no sparsity) bf16 tensor FLOP/s per GPU, from the vendor data sheets.
+# Matched in order against torch.cuda.get_device_name(): the more specific names first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked job shape; both sides run exactly this."""
+
+    name: str
+    method: str
+    """qlora, lora or full."""
+    micro_batch: int
+    seq_len: int = 2048
+    gpus: int = 1
+    strategy: str = "single_gpu"
+    model: str = "llama3-8b"
+    dtype: str = "bf16"
+    """model.dtype and the 4-bit compute dtype; fp32 only for the CPU smoke cases."""
+    lora_r: int = 16
+    gradient_checkpointing: bool = True
+    cpu: bool = False
+    """A smoke case that runs on the CPU (no GPU check, no MFU)."""
+
+    def overrides(self, steps: int) -> tuple[str, ...]:
+        """Spec overrides on memory_accuracy.BASE (LoRA alpha 32, dropout 0.05, nf4 + double quant)."""
+        return (f"model.name={self.model}", f"model.dtype={self.dtype}", f"quantization.compute_dtype={self.dtype}",
+                f"method={self.method}", f"lora.r={self.lora_r}", f"data.seq_len={self.seq_len}",
+                f"training.micro_batch_size={self.micro_batch}",
+                f"training.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+                # save_every 0: orch checkpoints only after the last step, outside the timed window
+                f"training.max_steps={steps}", "training.save_every=0", "logging.log_every=1")
+
+    def config(self, steps: int) -> Config:
+        return Config(self.name, "throughput", self.strategy, self.gpus, self.overrides(steps))
+
+    def shape(self) -> ModelShape:
+        return PRESETS[self.model]
+
+    def tokens_per_step(self) -> int:
+        """Tokens the model processes per optimizer step over all GPUs (grad accumulation 1)."""
+        return self.micro_batch * self.seq_len * self.gpus
+
+
+CASES: list[Case] = [
+    Case("qlora-8b-s2048-mb1", "qlora", 1),
+    Case("qlora-8b-s2048-mb4", "qlora", 4),
+    Case("lora-8b-s2048-mb1", "lora", 1),
+    Case("full-8b-zero3-2gpu", "full", 1, gpus=2, strategy="zero3"),
+]
+
+# --tiny: the same harness on the CPU with the built-in 2-layer tiny-llama (fp32: CPUs lack fast bf16).
+TINY_CASES: list[Case] = [
+    Case("tiny-qlora-cpu", "qlora", 2, seq_len=64, model="tiny-llama", dtype="fp32", lora_r=8, cpu=True),
+    Case("tiny-lora-cpu", "lora", 2, seq_len=64, model="tiny-llama", dtype="fp32", lora_r=8, cpu=True),
+]
+
+
+# ---------------------------------------------------------------------------
+# Arithmetic shared by both sides
+
+
+def steady_tokens_per_s(step_end_times: Sequence[float], warmup: int, tokens_per_step: int) -> Optional[float]:
+    """Tokens/s over steps warmup+1..N: ``step_end_times[k]`` is the wall time at the end of step k+1.
+
+    Both sides use this with their own step end times, so the warm-up steps are
+    excluded the same way. None if fewer than warmup + 1 steps finished.
+    """
+    if warmup < 1 or len(step_end_times) <= warmup:
+        return None
+    seconds = step_end_times[-1] - step_end_times[warmup - 1]
+    return (len(step_end_times) - warmup) * tokens_per_step / seconds if seconds > 0 else None
+
+
+def matmul_params(shape: ModelShape) -> int:
+    """Weights that take part in matmuls per token: decoder linears + LM head (tied or not)."""
+    return shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
+
+
+def flops_per_token(shape: ModelShape, seq_len: int) -> int:
+    """PaLM's training FLOPs per token: 6 N + 12 L (heads x head_dim) T."""
+    return 6 * matmul_params(shape) + 12 * shape.num_hidden_layers * shape.q_dim * seq_len
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of one GPU by name; None when unknown (CPU included)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def mfu(tokens_per_s: Optional[float], fpt: int, peak: Optional[float], gpus: int) -> Optional[float]:
+    if tokens_per_s is None or peak is None:
+        return None
+    return tokens_per_s * fpt / (peak * gpus)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+# ---------------------------------------------------------------------------
+# orch's side
+
+
+def orch_records(out_dir: Path) -> list[dict]:
+    """Per-step records of every rank (metrics.jsonl)."""
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_orch(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: int, timeout: int) -> dict:
+    cmd = trainer_command(case.config(steps), job_path)
+    rc, tail, seconds = run_logged(cmd, child_env(), timeout)
+    side: dict = {"command": shlex.join(cmd), "returncode": rc, "seconds": seconds}
+    records = orch_records(run_dir / "out")
+    summary_path = run_dir / "out" / "summary.json"
+    if rc != 0 or not summary_path.exists():
+        return failed(side, tail)
+    summary = json.loads(summary_path.read_text())
+    rank0 = sorted((r for r in records if r["rank"] == 0), key=lambda r: r["step"])
+    peaks = [r["mem_peak"] for r in records if r.get("mem_peak") is not None]
+    side.update(
+        steps=len(rank0),
+        tokens_per_s=steady_tokens_per_s([r["time"] for r in rank0], warmup, case.tokens_per_step()),
+        peak_allocated_bytes=max(peaks) if peaks else None,
+        peak_allocated_incl_final_save_bytes=summary.get("peak_allocated_bytes"),
+        load_peak_bytes=summary.get("load_peak_bytes"),
+        final_loss=summary.get("final_loss"),
+        reported_tokens_per_s=summary.get("tokens_per_s"),
+    )
+    return side
+
+
+def failed(side: dict, tail: str) -> dict:
+    side.update(tokens_per_s=None, peak_allocated_bytes=None, oom="out of memory" in tail.lower(), log_tail=tail)
+    return side
+
+
+# ---------------------------------------------------------------------------
+# Baseline side: the runner (parent) and the worker (its own process)
+
+
+def baseline_command(case: Case, job_path: Path, out: Path, steps: int) -> list[str]:
+    worker = [str(Path(__file__).resolve()), "--baseline-worker", case.name, "--job", str(job_path),
+              "--out", str(out), "--steps", str(steps)]
+    if case.gpus == 1:
+        return [sys.executable, *worker]
+    # one process per GPU; HF Trainer picks DeepSpeed ZeRO-3 up from the worker's TrainingArguments
+    return ["torchrun", "--standalone", "--nproc_per_node", str(case.gpus), *worker]
+
+
+def run_baseline(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: int, timeout: int) -> dict:
+    out = run_dir / "baseline.json"
+    cmd = baseline_command(case, job_path, out, steps)
+    rc, tail, seconds = run_logged(cmd, child_env(), timeout)
+    side: dict = {"command": shlex.join(cmd), "returncode": rc, "seconds": seconds}
+    if rc != 0 or not out.exists():
+        return failed(side, tail)
+    res = json.loads(out.read_text())
+    side.update(
+        steps=len(res["step_end_times"]),
+        tokens_per_s=steady_tokens_per_s(res["step_end_times"], warmup, case.tokens_per_step()),
+        peak_allocated_bytes=res["peak_allocated_bytes"],
+        load_peak_bytes=res["load_peak_bytes"],
+        final_loss=res["final_loss"],
+    )
+    return side
+
+
+def build_baseline_model(job, torch, cuda: bool):
+    """The job's model the plain transformers/PEFT way (random weights: there is no checkpoint to load)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = job.shape().to_hf_config()
+    shape.pop("architectures")
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)  # LlamaConfig for the llama presets
+    config.use_cache = False
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.model.dtype]
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    gc_kwargs = {"use_reentrant": False}  # as orch; reentrant checkpointing would need enable_input_require_grads
+    if job.method == "full":
+        # Under ZeRO-3 (HfDeepSpeedConfig alive via TrainingArguments) from_config builds partitioned.
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=job.model.attn_implementation)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=job.model.attn_implementation)
+    if job.method == "qlora":
+        quantize_4bit_(model, job, torch)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.training.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    lora = LoraConfig(r=job.lora.r, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def quantize_4bit_(model, job, torch) -> None:
+    """Every linear layer of the decoder blocks -> bitsandbytes Linear4bit, one at a time (the bnb recipe).
+
+    What ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit, nf4,
+    double quant, compute dtype))`` produces, minus the checkpoint: moving an
+    unquantized ``Params4bit`` to a device quantizes it.
+    """
+    import bitsandbytes as bnb
+
+    q = job.quantization
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                device = child.weight.device
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=compute, compress_statistics=q.double_quant, quant_type=q.type,
+                                        device="meta")
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=q.type,
+                                               compress_statistics=q.double_quant, blocksize=q.block_size).to(device)
+                if child.bias is not None:
+                    new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, child_name, new)
+    model.is_loaded_in_4bit = True  # what PEFT looks at to treat it as a k-bit model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def baseline_dataset(job, torch):
+    """orch's own packed rows of the job's data file, as HF input_ids / position_ids / labels.
+
+    orch's targets are already shifted (target[t] = token t+1); HF models shift
+    labels themselves (logits[t] vs labels[t+1]), so labels[1:] = targets[:-1].
+    position_ids restart at every packed example, from which transformers builds
+    the same block-diagonal causal mask orch's trainer gets.
+    """
+    import numpy as np
+
+    from orchestrator import data as D
+
+    rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size))
+    labels = np.full_like(rows.targets, D.IGNORE)
+    labels[:, 1:] = rows.targets[:, :-1]
+    tensors = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": labels}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return rows.n
+
+        def __getitem__(self, i: int) -> dict:
+            return {k: torch.from_numpy(v[i]) for k, v in tensors.items()}
+
+    return Rows()
+
+
+def zero3_config(job) -> dict:
+    """DeepSpeed ZeRO-3 for the HF Trainer ("auto": filled in from TrainingArguments)."""
+    return {"zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": False},
+            "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+
+
+def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
+    """One baseline run (its own process): writes step end times and peak memory to ``out`` (rank 0)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from orchestrator.spec import load_job
+
+    job = load_job(job_path, for_training=True)
+    case = next(c for c in CASES + TINY_CASES if c.name == case_name)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = job.training
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf-baseline-"), max_steps=steps,
+        per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=job.grad_accum(),
+        learning_rate=t.lr, lr_scheduler_type=t.lr_schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed,
+        bf16=job.model.dtype == "bf16" and cuda, use_cpu=not cuda,
+        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+        dataloader_drop_last=True, dataloader_num_workers=0,
+        deepspeed=zero3_config(job) if case.strategy.startswith("zero3") else None,
+    )
+    torch.manual_seed(t.seed)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build_baseline_model(job, torch, cuda)
+    dataset = baseline_dataset(job, torch)
+    load_peak = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # as orch: the training peak starts after the model is built
+
+    class StepTimer(TrainerCallback):
+        """Wall time at the end of every optimizer step, after the GPU finished it."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ARG002
+            sync()
+            self.times.append(time.time())
+
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
+    result = trainer.train()
+    sync()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        peaks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(peaks, (peak, load_peak))
+        peak, load_peak = max(p[0] for p in peaks), max(p[1] for p in peaks)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        Path(out).write_text(json.dumps({
+            "step_end_times": timer.times, "peak_allocated_bytes": peak, "load_peak_bytes": load_peak,
+            "final_loss": losses[-1] if losses else result.training_loss,
+        }) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# One case, both sides
+
+
+def run_case(case: Case, steps: int, warmup: int, timeout: int, device: str, gpus_available: int) -> dict:
+    row: dict = {"case": case.name, "method": case.method, "model": case.model, "gpus": case.gpus,
+                 "strategy": case.strategy, "micro_batch": case.micro_batch, "seq_len": case.seq_len,
+                 "lora_r": case.lora_r if case.method != "full" else None, "dtype": case.dtype,
+                 "gradient_checkpointing": case.gradient_checkpointing, "steps": steps, "warmup_steps": warmup,
+                 "tokens_per_step": case.tokens_per_step()}
+    if not case.cpu and case.gpus > gpus_available:
+        row["skipped"] = f"needs {case.gpus} GPUs, this machine has {gpus_available}"
+        return row
+    run_dir = RUNS / case.name
+    _, job_path = prepare_run(case.config(steps), run_dir, name_prefix="throughput")
+    row["job"] = str(job_path)
+    row["orch"] = run_orch(case, run_dir, job_path, steps, warmup, timeout)
+    row["baseline"] = run_baseline(case, run_dir, job_path, steps, warmup, timeout)
+    fpt = flops_per_token(case.shape(), case.seq_len)
+    peak = None if case.cpu else peak_flops(device)
+    row.update(flops_per_token=fpt, peak_flops_per_gpu=peak)
+    for side in ("orch", "baseline"):
+        row[side]["mfu"] = mfu(row[side]["tokens_per_s"], fpt, peak, case.gpus)
+    row["speedup"] = ratio(row["orch"]["tokens_per_s"], row["baseline"]["tokens_per_s"])
+    row["memory_ratio"] = ratio(row["orch"]["peak_allocated_bytes"], row["baseline"]["peak_allocated_bytes"])
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+COLUMNS = ("case", "orch tok/s", "baseline tok/s", "speedup", "orch peak GiB", "baseline peak GiB", "memory ratio",
+           "orch MFU %", "baseline MFU %")
+
+
+def _f(x: Optional[float], fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table_cells(row: dict) -> list[str]:
+    if "skipped" in row:
+        return [row["case"], f"skipped: {row['skipped']}"] + [""] * (len(COLUMNS) - 2)
+    o, b = row["orch"], row["baseline"]
+    gib = lambda n: None if n is None else n / GIB  # noqa: E731
+    pct = lambda x: None if x is None else 100 * x  # noqa: E731
+    cells = [row["case"], _f(o["tokens_per_s"], ".1f"), _f(b["tokens_per_s"], ".1f"), _f(row["speedup"], ".2f"),
+             _f(gib(o["peak_allocated_bytes"]), ".2f"), _f(gib(b["peak_allocated_bytes"]), ".2f"),
+             _f(row["memory_ratio"], ".2f"), _f(pct(o["mfu"]), ".1f"), _f(pct(b["mfu"]), ".1f")]
+    for i, side in ((1, o), (2, b)):
+        if side["tokens_per_s"] is None:
+            cells[i] = "OOM" if side.get("oom") else f"failed (rc {side['returncode']})"
+    return cells
+
+
+def print_table(rows: list[dict]) -> None:
+    widths = [max(len(COLUMNS[i]), *(len(table_cells(r)[i]) for r in rows)) for i in range(len(COLUMNS))]
+    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(table_cells(r), widths)))
+
+
+NOTES = """\
+- tok/s: tokens processed (micro batch x seq_len x GPUs per step, padding included) over the steps after the
+  first {warmup} (warm-up excluded), from each side's step end times (GPU synced at every step end).
+- speedup = orch tok/s / baseline tok/s (> 1: orch faster); memory ratio = orch peak / baseline peak (< 1: orch
+  smaller). Peak = torch.cuda.max_memory_allocated during training, reset after the model is built (max over ranks).
+- MFU uses PaLM's 6 N + 12 L (heads x head_dim) seq_len FLOPs per token with N = decoder linears + LM head, and
+  the 6 N convention also for LoRA/QLoRA (whose frozen base gets no weight gradients: ~4 N is really computed);
+  recompute of gradient checkpointing is not counted.
+- Same job on both sides: same preset shape with random weights, LoRA r/alpha/dropout on all decoder linears, nf4
+  + double quant (qlora), gradient checkpointing (non-reentrant), AdamW, lr and schedule, and the same packed rows
+  (orch's byte-level tokenizer and packing of the same synthetic file; the baseline gets them with position_ids).
+- Recipe differences (what each side does by default): the baseline runs prepare_model_for_kbit_training (qlora:
+  non-4-bit weights upcast to fp32), fp32 LoRA weights under bf16 autocast, full-vocabulary fp32 logits in its
+  loss and torch AdamW; orch keeps non-4-bit weights in model.dtype, computes the LM head + loss in chunks and
+  uses DeepSpeed's optimizer.
+"""
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = [f"# Throughput: orch vs Hugging Face Trainer + PEFT ({meta.get('date', '')}, {meta.get('device', '')})", "",
+           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    out += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    out += ["", NOTES.format(warmup=meta.get("warmup_steps")),
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())]
+    return "\n".join(out) + "\n"
+
+
+def save(rows: list[dict], meta: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def versions() -> dict:
+    found = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            found[pkg] = None
+    return found
+
+
+def machine() -> tuple[str, int]:
+    """(device name, GPU count) without creating a CUDA context in this process."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0), torch.cuda.device_count()
+        return "cpu", 0
+    except Exception:  # noqa: BLE001 - no torch: report rather than fail
+        return "unknown", 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated case names")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--tiny", action="store_true", help="the CPU smoke cases (tiny-llama, fp32) instead of the GPU ones")
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput.json; .md next to it)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per side of a case")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (>= 1)")
+    ap.add_argument("--baseline-worker", metavar="CASE", help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.baseline_worker:
+        return baseline_worker(args.baseline_worker, args.job, args.out, args.steps)
+    if not 1 <= args.warmup < args.steps:
+        ap.error("--warmup must be at least 1 and less than --steps")
+
+    cases = TINY_CASES if args.tiny else CASES
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [w for w in wanted if w not in {c.name for c in cases}]
+        if unknown:
+            print(f"unknown case(s): {', '.join(unknown)}; see --list{'' if args.tiny else ' (and --tiny)'}",
+                  file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.name in wanted]
+    if args.list:
+        print(f"{'case':<22} {'method':<6} {'model':<10} {'GPUs':>4} {'mb':>3} {'seq':>5} {'GFLOP/token':>11}")
+        for c in cases:
+            print(f"{c.name:<22} {c.method:<6} {c.model:<10} {c.gpus:>4} {c.micro_batch:>3} {c.seq_len:>5} "
+                  f"{flops_per_token(c.shape(), c.seq_len) / 1e9:>11.2f}")
+        return 0
+
+    out = Path(args.out) if args.out else RESULTS / ("throughput_tiny.json" if args.tiny else "throughput.json")
+    device, gpus_available = machine()
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "gpus_available": gpus_available, "versions": versions(), "steps": args.steps,
+            "warmup_steps": args.warmup, "peak_bf16_flops_per_gpu": peak_flops(device)}
+    rows = []
+    for c in cases:
+        print(f"running {c.name} ...", flush=True)
+        row = run_case(c, args.steps, args.warmup, args.timeout, device, gpus_available)
+        rows.append(row)
+        print("  " + ("  ".join(f"{k}: {v}" for k, v in zip(COLUMNS[1:], table_cells(row)[1:]))), flush=True)
+        save(rows, meta, out)  # after every case: a timeout later keeps what was measured
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/throughput.py end to end on the CPU: orch's trainer and the HF Trainer + PEFT baseline both run
+the tiny smoke case for real (a few steps), and the report rows hold what the GPU runs will report.
+
+The CPU numbers themselves mean nothing (tiny-llama, fp32, 128 tokens per step); only the plumbing is checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import throughput as tp
+
+
+def test_tiny_case_both_sides(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    assert tp.main(["--tiny", "--only", "tiny-lora-cpu", "--steps", "3", "--warmup", "1", "--timeout", "300",
+                    "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["steps"] == 3 and payload["warmup_steps"] == 1 and "transformers" in payload["versions"]
+    (row,) = payload["rows"]
+    assert row["case"] == "tiny-lora-cpu" and row["tokens_per_step"] == 2 * 64
+    for side in ("orch", "baseline"):
+        s = row[side]
+        assert s["returncode"] == 0, s.get("log_tail")
+        assert s["steps"] == 3 and s["tokens_per_s"] > 0 and s["final_loss"] > 0
+        assert s["mfu"] is None  # CPU: no peak FLOP/s
+        assert s["command"]
+    assert row["speedup"] == pytest.approx(row["orch"]["tokens_per_s"] / row["baseline"]["tokens_per_s"])
+    assert row["memory_ratio"] is None  # no CUDA allocator counters on the CPU
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny-lora-cpu |" in md and "speedup" in md
+    assert "tiny-lora-cpu" in capsys.readouterr().out
+
+
+def test_arithmetic_and_skips():
+    # warm-up excluded: steps 2..4 took 3 s for 3 x 100 tokens
+    assert tp.steady_tokens_per_s([10.0, 11.0, 12.0, 13.0, 14.0], 2, 100) == pytest.approx(100.0)
+    assert tp.steady_tokens_per_s([10.0, 11.0], 2, 100) is None
+    shape = tp.PRESETS["llama3-8b"]
+    # PaLM: 6 N (decoder linears + LM head) + 12 L d T
+    assert tp.flops_per_token(shape, 2048) == 6 * (32 * shape.layer_linear_params() + 128256 * 4096) + 12 * 32 * 4096 * 2048
+    assert tp.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and tp.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert tp.peak_flops("NVIDIA H200") == 989e12 and tp.peak_flops("cpu") is None
+    assert tp.mfu(1000.0, 10**9, 1e12, 1) == pytest.approx(1.0)
+    big = next(c for c in tp.CASES if c.gpus == 2)
+    row = tp.run_case(big, 12, 2, 10, "NVIDIA H100 80GB HBM3", 1)
+    assert row["skipped"] == "needs 2 GPUs, this machine has 1" and "orch" not in row
+    assert "skipped: needs 2 GPUs" in " ".join(tp.table_cells(row))
+    assert {c.name for c in tp.CASES} >= {"qlora-8b-s2048-mb1", "qlora-8b-s2048-mb4", "lora-8b-s2048-mb1"}
