@@ -43,8 +43,10 @@ LABELS = {
 class SpeedModel:
     """Constants of the relative speed model (only the ranking matters, not absolute numbers)."""
 
-    mfu: float = 0.40
-    """Achieved fraction of the GPU's dense bf16 peak for transformer training matmuls."""
+    mfu: float = 0.21
+    """Achieved fraction of the GPU's dense bf16 peak (by this model's FLOP count). Measured with orch's
+    trainer on one H100, single_gpu, seq 2048: 0.19-0.24 for QLoRA/LoRA 8B and full 1B
+    (benchmarks/results/device/h100-call3 and h100-call4, 2026-11-23)."""
     qlora_compute_factor: float = 1.25
     """Extra compute time of 4-bit layers (dequantize before every matmul, forward and backward)."""
     intra_node_bytes_per_s: float = 150e9
@@ -59,6 +61,12 @@ class SpeedModel:
     """DeepSpeedCPUAdam update rate per node (AVX-512, all cores): parameters per second."""
     nvme_bytes_per_s_per_node: float = 3e9
     """Sustained NVMe read/write bandwidth per node (one PCIe Gen4 drive)."""
+    zero3_seconds_per_layer_pass: float = 0.015
+    """ZeRO-3's per-module fetch/release bookkeeping, independent of bytes moved: seconds per decoder
+    layer per pass (forward, backward, and the checkpointing recompute). Measured on one H100
+    (benchmarks/results/device/h100-call4, 2026-11-23): zero3_offload_optimizer cost 1.3 s (LoRA 8B)
+    and 1.6 s (QLoRA 8B) more per micro step than single_gpu, with only ~0.03 s of offload traffic:
+    1.3-1.6 s / (32 layers x 3 passes)."""
 
 
 SPEED = SpeedModel()
@@ -163,6 +171,9 @@ def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedMod
     elif stage == 3:
         comm = micro_steps * (2 * model_bytes + grad_bytes) * ring  # gather fwd + bwd, reduce-scatter grads
     exposed = comm / bw * (1 - speed.comm_overlap)
+    if stage == 3:
+        passes = 3 if t.gradient_checkpointing else 2
+        exposed += micro_steps * passes * shape.num_hidden_layers * speed.zero3_seconds_per_layer_pass
 
     offload = 0.0
     opt_dev, param_dev = offload_devices(strategy)
