@@ -40,10 +40,28 @@ def in_process_ms(job_path: str) -> float:
     return statistics.median(samples)
 
 
+def accelerate_estimate(model_dir: str) -> dict:
+    """One run of `accelerate estimate-memory` on the same model folder, offline, for comparison.
+
+    accelerate asks the Hub about every model name (verify_on_hub), so with no network it
+    fails; the record keeps its exit code, time and last line rather than pretending.
+    """
+    exe = Path(sys.executable).with_name("accelerate")
+    if not exe.exists():
+        return {"available": False}
+    cmd = [str(exe), "estimate-memory", model_dir, "--library_name", "transformers"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return {"argv": cmd, "returncode": proc.returncode, "seconds": round(time.perf_counter() - start, 3),
+            "last_line": lines[-1] if lines else ""}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--job", default="jobs/llama70b.yaml")
+    ap.add_argument("--model-dir", default="models/llama3-70b", help="the job's model folder, for accelerate")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/plan_latency.json"))
     args = ap.parse_args()
 
@@ -79,7 +97,12 @@ def main() -> int:
         "median_s": round(median, 4),
         "target_s": TARGET_S,
         "ok": median < TARGET_S,
+        "accelerate_estimate_memory": accelerate_estimate(args.model_dir),
     }
+    acc = result["accelerate_estimate_memory"]
+    if acc.get("available", True):
+        print(f"accelerate estimate-memory {args.model_dir}: exit {acc['returncode']} after {acc['seconds']:.2f} s: "
+              f"{acc['last_line'][:160]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
