@@ -23,5 +23,14 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.13.0"
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "deepspeed==0.19.8"
 "${pip[@]}" -e ".[dev]"
+# The stack must import before the stamp says it is installed. The import's own output
+# (DeepSpeed's accelerator probe warns on a machine without a GPU) stays out of the summary.
+check='import torch, transformers, peft, bitsandbytes, deepspeed'
+if ! "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
+  echo "setup: the installed packages do not import:" >&2
+  "$VENV/bin/python" -c "$check" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
-echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__)'))" >&2
+echo "setup: done ($("$VENV/bin/python" -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "peft", "bitsandbytes", "deepspeed")))'))" >&2
