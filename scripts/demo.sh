@@ -10,5 +10,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "+ orch plan jobs/llama70b.yaml"
 orch plan jobs/llama70b.yaml
 echo
-echo "+ orch submit jobs/tiny.yaml --local"
-orch submit jobs/tiny.yaml --local "$@"
+# --out runs/demo: the compiled files go under the git-ignored runs/, so the demo leaves
+# the committed examples in ds_configs/ and slurm/ (compiled with --portable) untouched.
+echo "+ orch submit jobs/tiny.yaml --local --out runs/demo"
+orch submit jobs/tiny.yaml --local --out runs/demo "$@"
