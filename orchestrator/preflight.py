@@ -42,8 +42,9 @@ def checkpoint_bytes(job: JobSpec, strategy: str) -> int:
         return counts.total * d + counts.trainable * 3 * FP32
     storage = job.quantization.storage_for(ZERO_STAGE[strategy] == 3)
     _, _, consts = memory.base_weight_bytes(job, shape, storage)
-    adapter = counts.lora * d
-    return consts + counts.lora * d + counts.trainable * 3 * FP32 + adapter
+    lora_weights = counts.lora * d
+    # the LoRA weights are written twice: in the module state and as the PEFT adapter
+    return consts + 2 * lora_weights + counts.trainable * 3 * FP32
 
 
 def check_output_dir(out: Path, need: int) -> None:

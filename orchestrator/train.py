@@ -162,7 +162,8 @@ class Trainer:
             self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
 
         # Built before the model: under ZeRO-3 the model is constructed already partitioned with it.
-        self.config = self.ds_config()
+        self.deepspeed_config = self.ds_config()
+        self.memory = RankMemory(rank=self.rank)
         self._load_model()
         self._build_engine()
         self.ckpt_root = self.out / "checkpoints"
@@ -198,11 +199,12 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         try:
-            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.config)
+            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed,
+                                       self.deepspeed_config)
         except M.ModelError as exc:
             raise TrainError(str(exc), EXIT_BAD_SPEC) from None
         self.load_seconds = time.time() - t0
-        self.params_bytes_local_built = param_bytes(self.loaded.model)[0]
+        self.memory.params_bytes_local_built = param_bytes(self.loaded.model)[0]
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
 
     def ds_config(self) -> dict:
@@ -223,12 +225,10 @@ class Trainer:
         import deepspeed
 
         torch = self.torch
-        config = self.config
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params, config=config)
-        self.memory = RankMemory(rank=self.rank)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params,
+                                                    config=self.deepspeed_config)
         self.memory.cpu_rss_after_load = _rss()
-        self.memory.params_bytes_local_built = self.params_bytes_local_built
         self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
             self.memory.quantized_bytes_full = param_bytes(self.module)
         if self.cuda:
