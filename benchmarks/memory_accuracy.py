@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 from orchestrator import memory  # noqa: E402
 from orchestrator.catalog import GIB  # noqa: E402
 from orchestrator.spec import JobSpec, apply_overrides, dump_job, parse_yaml_text, validate_dict  # noqa: E402
+
+T = TypeVar("T")
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "memory_accuracy"
@@ -406,6 +408,19 @@ def fit(rows: list[dict]) -> memory.Calibration:
     return cal
 
 
+def select_named(items: Sequence[T], only: Optional[str], noun: str, hint: str = "") -> Optional[list[T]]:
+    """The items whose ``.name`` is in the comma-separated ``only`` (all when empty), in their own
+    order; None after a one-line error naming the unknown ones. Shared by the benchmarks' --only."""
+    if not only:
+        return list(items)
+    wanted = only.split(",")
+    unknown = [w for w in wanted if w not in {i.name for i in items}]
+    if unknown:
+        print(f"unknown {noun}(s): {', '.join(unknown)}; see --list{hint}", file=sys.stderr)
+        return None
+    return [i for i in items if i.name in wanted]
+
+
 def merge_results(results: list[dict]) -> tuple[dict, list[dict]]:
     """One row per config (CONFIGS order) from several device calls' result files.
 
@@ -437,14 +452,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per config")
     args = ap.parse_args()
 
-    configs = CONFIGS
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = [w for w in wanted if w not in {c.name for c in CONFIGS}]
-        if unknown:
-            print(f"unknown config(s): {', '.join(unknown)}; see --list", file=sys.stderr)
-            return 2
-        configs = [c for c in CONFIGS if c.name in wanted]
+    configs = select_named(CONFIGS, args.only, "config")
+    if configs is None:
+        return 2
 
     if args.list:
         print(f"{'config':<30} {'role':<11} {'strategy':<24} {'GPUs':>4} {'pred GiB':>8}  overrides")

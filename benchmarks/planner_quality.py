@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_accuracy import make_job, prepare_run  # noqa: E402
-from benchmarks.throughput import Case, machine, run_orch, versions  # noqa: E402
+from benchmarks.memory_accuracy import make_job, prepare_run, select_named  # noqa: E402
+from benchmarks.throughput import Case, add_timing_args, check_timing_args, machine, run_orch, versions  # noqa: E402
 from orchestrator import planner  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -146,22 +146,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--list", action="store_true", help="list jobs with the planner's feasible strategies and pick")
     ap.add_argument("--tiny", action="store_true", help="the CPU smoke job (tiny-llama, fp32)")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/planner_quality.json)")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    add_timing_args(ap, steps=10, timeout=600, timeout_help="seconds per run")
     ap.add_argument("--from-results", metavar="FILE",
                     help="no runs: re-predict stored measurements with the current speed model (after calibrating it)")
     args = ap.parse_args(argv)
-    if not 1 <= args.warmup < args.steps:
-        ap.error("--warmup must be at least 1 and less than --steps")
-    jobs = TINY_JOBS if args.tiny else JOBS
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = sorted(set(wanted) - {j.name for j in jobs})
-        if unknown:
-            print(f"unknown job(s): {', '.join(unknown)}; see --list", file=sys.stderr)
-            return 2
-        jobs = [j for j in jobs if j.name in wanted]
+    check_timing_args(ap, args)
+    jobs = select_named(TINY_JOBS if args.tiny else JOBS, args.only, "job")
+    if jobs is None:
+        return 2
     if args.list:
         for j in jobs:
             chosen, predicted = planned(j, args.steps)

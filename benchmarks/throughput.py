@@ -67,7 +67,7 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_accuracy import Config, child_env, make_job, prepare_run, run_logged, trainer_command  # noqa: E402
+from benchmarks.memory_accuracy import Config, child_env, make_job, prepare_run, run_logged, select_named, trainer_command  # noqa: E402
 from orchestrator.catalog import GIB, PRESETS, ModelShape  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -256,11 +256,13 @@ def build_baseline_model(job, torch, cuda: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from orchestrator.modeling import torch_dtype
+
     shape = job.shape().to_hf_config()
     shape.pop("architectures")
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)  # LlamaConfig for the llama presets
     config.use_cache = False
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[job.model.dtype]
+    dtype = torch_dtype(job.model.dtype)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     gc_kwargs = {"use_reentrant": False}  # as orch; reentrant checkpointing would need enable_input_require_grads
     if job.method == "full":
@@ -287,7 +289,9 @@ def quantize_4bit_(model, job, torch) -> None:
     import bitsandbytes as bnb
 
     q = job.quantization
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[q.compute_dtype]
+    from orchestrator.modeling import torch_dtype
+
+    compute = torch_dtype(q.compute_dtype)
     for layer in model.model.layers:
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
@@ -520,33 +524,35 @@ def machine() -> tuple[str, int]:
         return "unknown", 0
 
 
+def add_timing_args(ap: argparse.ArgumentParser, steps: int, timeout: int, timeout_help: str) -> None:
+    """--timeout/--steps/--warmup, shared with benchmarks/planner_quality.py (same timing rule)."""
+    ap.add_argument("--timeout", type=int, default=timeout, help=timeout_help)
+    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (>= 1)")
+
+
+def check_timing_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 1 <= args.warmup < args.steps:
+        ap.error("--warmup must be at least 1 and less than --steps")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated case names")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--tiny", action="store_true", help="the CPU smoke cases (tiny-llama, fp32) instead of the GPU ones")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/throughput.json; .md next to it)")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per side of a case")
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (>= 1)")
+    add_timing_args(ap, steps=12, timeout=900, timeout_help="seconds per side of a case")
     ap.add_argument("--baseline-worker", metavar="CASE", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker, args.job, args.out, args.steps)
-    if not 1 <= args.warmup < args.steps:
-        ap.error("--warmup must be at least 1 and less than --steps")
-
-    cases = TINY_CASES if args.tiny else CASES
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = [w for w in wanted if w not in {c.name for c in cases}]
-        if unknown:
-            print(f"unknown case(s): {', '.join(unknown)}; see --list{'' if args.tiny else ' (and --tiny)'}",
-                  file=sys.stderr)
-            return 2
-        cases = [c for c in cases if c.name in wanted]
+    check_timing_args(ap, args)
+    cases = select_named(TINY_CASES if args.tiny else CASES, args.only, "case", "" if args.tiny else " (and --tiny)")
+    if cases is None:
+        return 2
     if args.list:
         print(f"{'case':<22} {'method':<6} {'model':<10} {'GPUs':>4} {'mb':>3} {'seq':>5} {'GFLOP/token':>11}")
         for c in cases:
