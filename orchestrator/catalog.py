@@ -139,8 +139,10 @@ PRESETS: dict[str, ModelShape] = {
                              max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
     "qwen2.5-72b": ModelShape("qwen2", 8192, 29568, 80, 64, 8, 152064, attention_bias=True,
                               max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
-    # Not a published model: a 2-layer Llama for CPU demos and tests.
-    "tiny-llama": ModelShape("llama", 64, 176, 2, 4, 2, 512, max_position_embeddings=2048),
+    # Not a published model: a 2-layer Llama for CPU demos and tests. Every width is a multiple
+    # of 64, like real models': bitsandbytes' CPU 4-bit kernels need whole quantization blocks
+    # per row (modeling.check_cpu_4bit_shapes), and its AVX512-BF16 layout multiples of 32.
+    "tiny-llama": ModelShape("llama", 64, 192, 2, 4, 2, 512, max_position_embeddings=2048),
 }
 
 

@@ -190,6 +190,40 @@ def _quantize_linears_(layer: nn.Module, settings: dict, skip: list[str], device
     return swapped
 
 
+def keep_portable_cpu_4bit_(model: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer on its portable CPU code path, whatever the CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 rewrites a Linear4bit's weight *in place*
+    into a packed inference layout the first time it runs in eval mode without grad
+    (``Linear4bit.forward``, gated by ``support_avx512bf16_for_cpu`` read at construction).
+    That layout needs out_features divisible by 32, and once converted the weight no longer
+    dequantizes to the trained values, so a training step after an eval pass would use
+    garbage. orch trains and evaluates the same modules, so the switch stays off; on a GPU
+    the flag is never read.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def check_cpu_4bit_shapes(model: nn.Module, block_size: int) -> None:
+    """Refuse 4-bit layers that bitsandbytes' native CPU kernels dequantize wrongly.
+
+    bitsandbytes 0.50.2's CPU ``dequantize_4bit`` reads the packed weight row by row and is
+    only right when every row (in_features elements) is a whole number of quantization
+    blocks: a (64, 176) weight with blocks of 64 came back with 26 % relative error instead
+    of NF4's ~9 % (seen on an AMD EPYC with AVX512-BF16, 2026-11-24). Real models' widths are
+    multiples of 64; the check catches odd test or custom shapes before they train on
+    wrong weights. CUDA kernels have no such limit, so only CPU runs are checked.
+    """
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Linear4bit" and m.in_features % block_size:
+            raise ModelError(
+                f"quantization.block_size: on the CPU, bitsandbytes dequantizes 4-bit weights correctly only when "
+                f"in_features is a multiple of the block size ({name}: in_features {m.in_features}, block {block_size}); "
+                "use method lora here, or train on a GPU")
+
+
 def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int) -> tuple[nn.Module, int]:
     """Build the model from ``config`` with random weights, materialized piece by piece on ``device``.
 
@@ -228,6 +262,7 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
     if quant is not None:
         # What PEFT and HF look at to treat the model as a 4-bit one.
         model.is_loaded_in_4bit = True
+        keep_portable_cpu_4bit_(model)
     return model, quantized
 
 
@@ -318,6 +353,9 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
             kwargs["quantization_config"] = bnb_config(job, sharded)
         model = AutoModelForCausalLM.from_pretrained(job.model.name, **kwargs)
         nquant = count_4bit(model)
+        keep_portable_cpu_4bit_(model)
+    if nquant and device.type == "cpu":
+        check_cpu_4bit_shapes(model, job.quantization.block_size)
     base = model
     model.config.use_cache = False
     if job.training.gradient_checkpointing:

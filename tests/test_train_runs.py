@@ -155,7 +155,14 @@ def test_resume_on_fewer_processes_is_a_clear_error(tmp_path, qlora_z3):
     assert "saved by 2 processes, this run has 1" in proc.stderr and "ds_to_universal" in proc.stderr
 
 
-def test_qlora_zero3_bf16_adapter_gathers_and_reloads_in_plain_peft(tmp_path_factory):
+@pytest.fixture(scope="module")
+def qlora_bf16_z3(tmp_path_factory):
+    bf16 = {"method": "qlora", "model": {"dtype": "bf16"}, "quantization": {"compute_dtype": "bf16"}}
+    return _run(tmp_path_factory, "qlorabf16", 2, strategy="zero3", training={"max_steps": 3}, **bf16)
+
+
+def test_qlora_zero3_bf16_adapter_gathers_and_reloads_in_plain_peft(qlora_bf16_z3, bnb_cpu_path):
+    # bnb_cpu_path: the reload and the reference run once as on a CPU with AVX512-BF16 and once without
     from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file
 
@@ -163,8 +170,7 @@ def test_qlora_zero3_bf16_adapter_gathers_and_reloads_in_plain_peft(tmp_path_fac
     from orchestrator import modeling as M
     from orchestrator.spec import load_job
 
-    bf16 = {"method": "qlora", "model": {"dtype": "bf16"}, "quantization": {"compute_dtype": "bf16"}}
-    job_path = _run(tmp_path_factory, "qlorabf16", 2, strategy="zero3", training={"max_steps": 3}, **bf16)
+    job_path = qlora_bf16_z3
     out = out_dir(job_path)
     s = summary(out)
     for r in s["per_rank"]:  # bf16 storage: the packed 4-bit weights are partitioned like any bf16 param

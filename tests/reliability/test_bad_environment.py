@@ -116,24 +116,23 @@ def test_output_dir_without_room_for_a_checkpoint(tmp_path: Path) -> None:
 
 
 def test_checkpoint_bytes_hand_computed() -> None:
-    # tiny-llama: hidden 64, intermediate 176, 2 layers, 4 heads of 16, 2 kv heads, vocab 512, untied.
-    # per layer linears: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12,288; mlp 3*64*176 = 33,792 -> 46,080
+    # tiny-llama: hidden 64, intermediate 192, 2 layers, 4 heads of 16, 2 kv heads, vocab 512, untied.
+    # per layer linears: q 64*64 + k 64*32 + v 64*32 + o 64*64 = 12,288; mlp 3*64*192 = 36,864 -> 49,152
     # per layer norms 2*64 = 128; embeddings 512*64 = 32,768; lm_head 32,768; final norm 64
-    n = 2 * (46_080 + 128) + 32_768 + 32_768 + 64  # = 158,016
-    assert n == 158_016
+    n = 2 * (49_152 + 128) + 32_768 + 32_768 + 64
     base = spec.load_job(TINY, check_paths=False)
     full = spec.load_job(TINY, ["method=full"], check_paths=False)
     # full fp32: weights 4 B + fp32 master, Adam m, v 12 B per parameter
     assert preflight.checkpoint_bytes(full, "single_gpu") == n * 4 + n * 12
     lora = spec.load_job(TINY, ["method=lora", "lora.target_modules=all-linear", "lora.r=8"], check_paths=False)
-    # LoRA r=8 per layer: r*(in+out): q 8*128 + k 8*96 + v 8*96 + o 8*128 + gate/up/down 3*8*240 = 9,344; 2 layers
-    a = 2 * (1024 + 768 + 768 + 1024 + 3 * 1920)  # = 18,688
+    # LoRA r=8 per layer: r*(in+out): q 8*128 + k 8*96 + v 8*96 + o 8*128 + gate/up/down 3*8*256; 2 layers
+    a = 2 * (1024 + 768 + 768 + 1024 + 3 * 2048)
     # frozen base left out: lora weights (fp32) + optimizer 12 B per lora param + the adapter copy (fp32)
     assert preflight.checkpoint_bytes(lora, "single_gpu") == a * 4 + a * 12 + a * 4
     # qlora (r=8, all linears, block 64, double quant) adds bnb's quant state per 4-bit linear:
-    # absmax blocks numel/64 as uint8 (q 64, k 32, v 32, o 64, gate/up/down 176 each = 720 per layer)
+    # absmax blocks numel/64 as uint8 (q 64, k 32, v 32, o 64, gate/up/down 192 each = 768 per layer)
     # + per linear one fp32 nested absmax, one fp32 offset, the 256-entry fp32 code, the 16-entry fp32 NF4 code
     # = 4 + 4 + 1024 + 64 = 1,096 bytes x 7 linears; 2 layers
-    consts = 2 * (720 + 7 * 1_096)  # = 16,784
+    consts = 2 * (768 + 7 * 1_096)
     assert base.method == "qlora" and base.lora.r == 8
     assert preflight.checkpoint_bytes(base, "single_gpu") == consts + a * 4 + a * 12 + a * 4
