@@ -80,7 +80,7 @@ def test_format_params() -> None:
     assert "0.00" not in catalog.format_params(catalog.PRESETS["tiny-llama"].num_params())
 
 
-GOOD = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+GOOD = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
 
 
