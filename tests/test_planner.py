@@ -228,6 +228,18 @@ def test_suggestion_from_issue_12_validates_and_fits():
         assert result.suggestion.startswith("nothing tried fits")
 
 
+def test_forced_strategy_suggestion_keeps_it_or_frees_it():
+    """With a forced strategy a change is judged with that strategy (the spec keeps forcing it);
+    when only another strategy fits, the suggestion is strategy=auto."""
+    result = planner.plan(load("llama8b_full_2x80.yaml", "strategy=zero2"))  # zero2 needs 106 GiB per GPU
+    assert result.suggestion.startswith("try strategy=auto: then zero3 fits")
+    assert planner.plan(load("llama8b_full_2x80.yaml", "strategy=zero2", "strategy=auto")).chosen == "zero3"
+    forced = ["strategy=single_gpu", "training.micro_batch_size=8", "data.seq_len=8192"]
+    result = planner.plan(load("llama8b_qlora_24gb.yaml", *forced))
+    assert result.suggestion.startswith("try training.micro_batch_size=2: then single_gpu fits")
+    assert planner.plan(load("llama8b_qlora_24gb.yaml", *forced, "training.micro_batch_size=2")).chosen == "single_gpu"
+
+
 # Job variants of the 24 GB example: presets from 1B to 72B, each method, small global batches
 # (which limit how many GPUs are valid), 1-2 nodes of 1-2 GPUs, micro batch 1 with checkpointing
 # or 2 without (so the micro batch and checkpointing levers are tried too), a 24 and an 80 GB GPU.
