@@ -215,11 +215,13 @@ def has_weights(folder: Path) -> bool:
 
 @dataclass(frozen=True)
 class GPU:
-    """A GPU model: usable memory as nvidia-smi reports it, and dense bf16 peak."""
+    """A GPU model: usable memory as nvidia-smi reports it, 16-bit peak, and whether it has bf16."""
 
     memory_mib: int
-    bf16_tflops: float
-    """Dense (no sparsity) bf16 tensor-core peak from the vendor datasheet."""
+    peak_tflops: float
+    """Dense (no sparsity) 16-bit tensor-core peak from the vendor datasheet: bf16, or fp16 on a GPU without bf16."""
+    bf16: bool = True
+    """Computes in bf16 (Ampere and newer). Volta (V100) has fp16 tensor cores only."""
 
 
 GPUS: dict[str, GPU] = {
@@ -227,7 +229,7 @@ GPUS: dict[str, GPU] = {
     "L4": GPU(23034, 121.0),
     "RTX3090": GPU(24576, 71.0),
     "RTX4090": GPU(24564, 165.0),
-    "V100-32GB": GPU(32768, 125.0),
+    "V100-32GB": GPU(32768, 125.0, bf16=False),  # fp16 tensor-core peak (SXM2)
     "A100-40GB": GPU(40960, 312.0),
     "L40S": GPU(46068, 362.0),
     "A100-80GB": GPU(81920, 312.0),

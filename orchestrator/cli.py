@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import enum
 import json
+import os
+import select
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +23,7 @@ class Exit(enum.IntEnum):
     SUBMIT_FAILED = 4  # sbatch (or the local launcher) refused or failed
     TRAIN_FAILED = 5  # the trainer stopped with an error (OOM included)
     INTERRUPTED = 130
+    BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`orch models | head`)
 
 
 class OrchError(Exception):
@@ -33,14 +36,15 @@ class OrchError(Exception):
 
 EPILOG = """\
 examples:
-  orch plan jobs/llama70b.yaml                         # will it fit? which strategy?
+  orch plan jobs/llama70b.yaml                            # will it fit? which strategy?
   orch plan jobs/llama70b.yaml hardware.gpus_per_node=4 training.micro_batch_size=2
-  orch compile jobs/llama8b_full.yaml                  # write ds_configs/ and slurm/
-  orch submit jobs/tiny.yaml --local                   # train here (CPU or local GPUs)
-  orch submit jobs/llama70b.yaml                       # sbatch on a Slurm cluster
+  orch compile jobs/llama8b_full_2x80.yaml --out build/   # write build/ds_configs/, build/slurm/
+  orch submit jobs/tiny.yaml --local --out runs/demo      # train here (CPU or local GPUs)
+  orch submit jobs/llama70b.yaml --out runs/llama70b      # sbatch on a Slurm cluster
 
-Overrides: any spec field as dotted.key=value after the job file; values are YAML
-(4 is a number, true a boolean, [a, b] a list) and are validated like the file.
+Overrides: any spec field as dotted.key=value after the job file, before or after
+options; values are YAML (4 is a number, true a boolean, [a, b] a list) and are
+validated like the file.
 exit codes: 0 ok, 1 unexpected error, 2 bad spec or usage, 3 nothing fits,
             4 submit failed, 5 training failed.
 """
@@ -61,10 +65,14 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, for_training: bool = False):
     from orchestrator.spec import SpecError, load_job
 
+    warnings: list[str] = []
     try:
-        return load_job(args.job, args.overrides, for_training=for_training)
+        job = load_job(args.job, args.overrides, for_training=for_training, warnings=warnings)
     except SpecError as exc:
         raise OrchError(str(exc), Exit.BAD_SPEC) from None
+    for line in warnings:
+        print(f"orch: warning: {line}", file=sys.stderr)
+    return job
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -99,9 +107,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_gpus(args: argparse.Namespace) -> int:
     from orchestrator.catalog import GPUS
 
-    print(f"{'gpu':<11} {'memory':>10} {'bf16 TFLOP/s':>13}")
+    print(f"{'gpu':<11} {'memory':>10} {'bf16':>5} {'16-bit TFLOP/s':>15}")
     for name, g in GPUS.items():
-        print(f"{name:<11} {g.memory_mib / 1024:>7.1f} GiB {g.bf16_tflops:>13.0f}")
+        print(f"{name:<11} {g.memory_mib / 1024:>7.1f} GiB {'yes' if g.bf16 else 'no':>5} {g.peak_tflops:>15.0f}")
     return Exit.OK
 
 
@@ -204,12 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     p = add("compile", cmd_compile, "write the DeepSpeed config and the Slurm script for the chosen strategy",
-            "orch compile jobs/llama8b_full.yaml --out build/")
+            "orch compile jobs/llama8b_full_2x80.yaml --out build/")
     _job_args(p)
     _compile_args(p)
 
     p = add("submit", cmd_submit, "compile, then submit with sbatch (or train here with --local)",
-            "orch submit jobs/tiny.yaml --local")
+            "orch submit jobs/tiny.yaml --local --out runs/demo")
     _job_args(p)
     _compile_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan summary and the script, submit nothing")
@@ -217,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
 
     p = add("train", cmd_train, "run the trainer in this process (what the launcher runs on each rank)",
-            "deepspeed --num_gpus 2 --module orchestrator.train --job runs/tiny/job.yaml --ds-config ds_configs/tiny.json")
+            "orch train slurm/tiny.job.yaml --ds-config ds_configs/tiny.json")
     _job_args(p)
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -234,9 +242,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``parser.parse_args``, with overrides also after options (`orch plan JOB --json k=v`).
+
+    argparse fills a positional list only from the first run of positionals, and its
+    parse_intermixed_args refuses parsers with subcommands; so the arguments argparse
+    leaves over that are not options (an override cannot start with '-') go after the
+    overrides it took, in the order given.
+    """
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [a for a in rest if not a.startswith("-")]
+        rest = [a for a in rest if a.startswith("-")]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must raise inside this try
+        return code
+    except BrokenPipeError:
+        # The reader went away (`orch plan JOB | head -2`): stop quietly. stdout is pointed at
+        # /dev/null so the interpreter's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return Exit.BROKEN_PIPE
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (`| head` after its lines): the write end
+    then polls POLLERR. A BrokenPipeError from anything else (a socket, a child's pipe) is not ours
+    to hide."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout, or no poll() here
+        return False
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return Exit.BAD_SPEC
@@ -252,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("orch: interrupted", file=sys.stderr)
         return Exit.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into one line
+        if isinstance(exc, BrokenPipeError) and _stdout_closed():
+            raise  # the reader of stdout went away: main() stops quietly (any other broken pipe is an error)
         if args.debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from orchestrator.datacheck import row_problem
 from orchestrator.spec import JobSpec
 
 CACHE_VERSION = 1
@@ -141,16 +142,14 @@ def _bos(tok) -> list[int]:
 def example_tokens(job: JobSpec, tok, row: dict, where: str) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of one example; mask 1 = the model learns to predict this token."""
     fmt, mask_prompt = job.data.format, job.data.mask_prompt
+    problem = row_problem(fmt, row)  # the check `orch validate` runs on the first rows
+    if problem is not None:
+        raise DataError(f"{where}: {problem}")
     eos = [tok.eos_token_id]
     if fmt == "text":
-        if not isinstance(row.get("text"), str):
-            raise DataError(f"{where}: format 'text' needs a string field 'text'")
         ids = _bos(tok) + _enc(tok, row["text"]) + eos
         return ids, [1] * len(ids)
     if fmt == "alpaca":
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{where}: format 'alpaca' needs a string field {key!r}")
         extra = row.get("input") or ""
         prompt = ALPACA_PROMPT.format(instruction=row["instruction"], input_block=f"### Input:\n{extra}\n\n" if extra else "")
         p = _bos(tok) + _enc(tok, prompt)
@@ -158,9 +157,7 @@ def example_tokens(job: JobSpec, tok, row: dict, where: str) -> tuple[list[int],
         return p + r, [0 if mask_prompt else 1] * len(p) + [1] * len(r)
     # chat: render the conversation with the tokenizer's template; the text each
     # assistant turn adds is a loss segment, everything else is prompt.
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-        raise DataError(f"{where}: format 'chat' needs 'messages': a list of {{role, content}}")
+    msgs = row["messages"]
     template = tok.chat_template or BYTE_CHAT_TEMPLATE
     ids: list[int] = []
     mask: list[int] = []

@@ -19,7 +19,7 @@ from typing import Optional
 from orchestrator import memory
 from orchestrator.catalog import GIB, ModelShape
 from orchestrator.deepspeed_config import ZERO_STAGE, offload_devices
-from orchestrator.spec import STRATEGIES, JobSpec
+from orchestrator.spec import STRATEGIES, JobSpec, SpecError, with_overrides
 
 GPU_HEADROOM = 0.05
 """Fraction of GPU memory kept free beyond the estimate's total (which already has allocator slack and
@@ -266,102 +266,121 @@ def plan(job: JobSpec) -> Plan:
 def fewer_nodes_hint(job: JobSpec, shape: ModelShape) -> str:
     """When the job also fits on fewer nodes, say so: inter-node links are the slowest part of a step."""
     for nodes in range(1, job.hardware.nodes):
-        smaller = _with(job, "hardware", nodes=nodes)
-        best = _best(_candidates(smaller, shape))
+        override = f"hardware.nodes={nodes}"
+        smaller = _changed(job, [override])
+        best = _fit(smaller, shape) if smaller is not None else None
         if best is not None:
-            return (f"it also fits on {nodes} node(s) (hardware.nodes={nodes}, {best.strategy}): fewer nodes "
+            return (f"it also fits on {nodes} node(s) ({override}, {best.strategy}): fewer nodes "
                     f"avoid inter-node traffic and free the rest")
     return ""
 
 
-def _with(job: JobSpec, section: str, **changes) -> JobSpec:
-    """A copy of ``job`` with fields of one section changed (no re-validation: estimates only)."""
-    if section == "":
-        return job.model_copy(update=changes)
-    return job.model_copy(update={section: getattr(job, section).model_copy(update=changes)})
+def _changed(job: JobSpec, overrides: list[str]) -> Optional[JobSpec]:
+    """``job`` with ``overrides`` applied through the spec's own validation, or None when that is not
+    a valid spec (hardware.nodes=4 with a global batch of 2): the planner only prints changes that
+    `orch validate JOB OVERRIDES...` accepts."""
+    try:
+        return with_overrides(job, overrides)
+    except SpecError:
+        return None
 
 
-def _levers(job: JobSpec) -> list[list[tuple[str, str, dict]]]:
-    """Changes to try, cheapest lever first; each lever lists its values from mild to strong.
+def _fit(job: JobSpec, shape: ModelShape) -> Optional[Candidate]:
+    """What `orch plan` would choose for ``job`` (its forced strategy, or the fastest that fits), or None."""
+    if job.strategy == "auto":
+        return _best(_candidates(job, shape))
+    forced = evaluate(job, job.strategy, shape)
+    return forced if forced.fits else None
 
-    Each value is (override text, section, field changes). Chunked loss is free;
-    a smaller micro batch keeps the global batch (more accumulation);
-    checkpointing costs ~30% compute; QLoRA changes the method; more GPUs and
-    nodes cost hardware.
+
+def _levers(job: JobSpec) -> list[list[str]]:
+    """Changes to try, as overrides, cheapest lever first; each lever lists its values from mild to strong.
+
+    Chunked loss is free; a smaller micro batch keeps the global batch (more
+    accumulation); checkpointing costs ~30% compute; a strategy set in the spec can be
+    left to the planner; QLoRA changes the method; more GPUs and nodes cost hardware.
     """
     t, hw = job.training, job.hardware
-    levers: list[list[tuple[str, str, dict]]] = []
+    levers: list[list[str]] = []
     if t.loss_chunk_tokens == 0:
-        levers.append([("training.loss_chunk_tokens=4096", "training", {"loss_chunk_tokens": 4096})])
+        levers.append(["training.loss_chunk_tokens=4096"])
     sizes = []
     mb = t.micro_batch_size // 2
     while mb >= 1:
-        sizes.append((f"training.micro_batch_size={mb}", "training", {"micro_batch_size": mb}))
+        sizes.append(f"training.micro_batch_size={mb}")
         mb //= 2
     if sizes:
         levers.append(sizes)
     if not t.gradient_checkpointing:
-        levers.append([("training.gradient_checkpointing=true", "training", {"gradient_checkpointing": True})])
+        levers.append(["training.gradient_checkpointing=true"])
+    if job.strategy != "auto":
+        levers.append(["strategy=auto"])
     if job.method != "qlora":
-        levers.append([("method=qlora", "", {"method": "qlora"})])
+        levers.append(["method=qlora"])
     gpus = []
     g = hw.gpus_per_node
     while g < 8:
         g *= 2
-        gpus.append((f"hardware.gpus_per_node={g}", "hardware", {"gpus_per_node": g}))
+        gpus.append(f"hardware.gpus_per_node={g}")
     if gpus:
         levers.append(gpus)
-    levers.append([(f"hardware.nodes={hw.nodes * k}", "hardware", {"nodes": hw.nodes * k}) for k in (2, 4, 8)])
+    levers.append([f"hardware.nodes={hw.nodes * k}" for k in (2, 4, 8)])
     return levers
 
 
-def _fit_message(override: str, changed: JobSpec, best: Candidate) -> str:
-    return (f"try {override}: then {best.strategy} fits ({best.estimate.total / GIB:.1f} of "
+def _fit_message(overrides: list[str], changed: JobSpec, best: Candidate) -> str:
+    return (f"try {' '.join(overrides)}: then {best.strategy} fits ({best.estimate.total / GIB:.1f} of "
             f"{gpu_budget(changed) / GIB:.1f} GiB per GPU)")
 
 
 def suggest(job: JobSpec, shape: ModelShape) -> str:
-    """The cheapest change that makes some strategy fit, as overrides the user can paste.
+    """The cheapest change that makes the job fit, as overrides the user can paste.
 
     First every single change on its own, cheapest lever first; if none is
     enough, the levers are combined cumulatively (each lever left at its
-    strongest value before the next is added).
+    strongest value that still gives a valid spec before the next is added).
+    Every change is validated like the spec itself and planned again: a change
+    that is not a valid spec, or after which nothing fits, is never printed.
     """
     levers = _levers(job)
     for lever in levers:
-        for override, section, changes in lever:
-            changed = _with(job, section, **changes)
-            best = _best(_candidates(changed, shape))
+        for override in lever:
+            changed = _changed(job, [override])
+            best = _fit(changed, shape) if changed is not None else None
             if best is not None:
-                return _fit_message(override, changed, best)
-    # Combine: leave each lever at its strongest value and add the next; once something fits,
+                return _fit_message([override], changed, best)  # type: ignore[arg-type]
+    # Combine: leave each lever at its strongest valid value and add the next; once something fits,
     # relax the earlier levers back to their mildest values that still fit.
     chosen: list[tuple[int, int]] = []  # (lever index, value index)
 
-    def build(picks: list[tuple[int, int]]) -> JobSpec:
-        changed = job
-        for li, vi in picks:
-            _, section, changes = levers[li][vi]
-            changed = _with(changed, section, **changes)
-        return changed
+    def overrides(picks: list[tuple[int, int]]) -> list[str]:
+        return [levers[li][vi] for li, vi in picks]
+
+    def fit(picks: list[tuple[int, int]]) -> Optional[tuple[JobSpec, Candidate]]:
+        changed = _changed(job, overrides(picks))
+        best = _fit(changed, shape) if changed is not None else None
+        return (changed, best) if best is not None else None  # type: ignore[return-value]
 
     for li, lever in enumerate(levers):
         for vi in range(len(lever)):
             picks = chosen + [(li, vi)]
-            if _best(_candidates(build(picks), shape)) is None:
+            if fit(picks) is None:
                 continue
             for k, (lj, vj) in enumerate(picks[:-1]):
                 for milder in range(vj):
                     trial = picks[:k] + [(lj, milder)] + picks[k + 1:]
-                    if _best(_candidates(build(trial), shape)) is not None:
+                    if fit(trial) is not None:
                         picks = trial
                         break
-            changed = build(picks)
-            best = _best(_candidates(changed, shape))
-            return _fit_message(" ".join(levers[a][b][0] for a, b in picks), changed, best)  # type: ignore[arg-type]
-        chosen.append((li, len(lever) - 1))
-    return ("nothing tried fits (micro batch 1, checkpointing, QLoRA, 8x the nodes together): "
-            "use GPUs with more memory or a smaller model")
+            changed, best = fit(picks)  # type: ignore[misc]
+            return _fit_message(overrides(picks), changed, best)
+        strongest = next((vi for vi in reversed(range(len(lever)))
+                          if _changed(job, overrides(chosen + [(li, vi)])) is not None), None)
+        if strongest is not None:
+            chosen.append((li, strongest))
+    return (f"nothing tried fits (micro batch 1, checkpointing, QLoRA and up to 8x the nodes together, as far as "
+            f"training.global_batch_size {job.training.global_batch_size} allows): use GPUs with more memory, a larger "
+            f"global batch or a smaller model")
 
 
 def resolve_strategy(job: JobSpec) -> str:

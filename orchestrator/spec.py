@@ -15,7 +15,9 @@ compiled job (`orch compile`) stores them as absolute paths.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -23,7 +25,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator import catalog
+from orchestrator import catalog, datacheck
 
 Strategy = Literal[
     "single_gpu",
@@ -69,6 +71,12 @@ class _Section(BaseModel):
 def _one_line(value: str, what: str) -> str:
     if not _ONE_LINE.fullmatch(value):
         raise ValueError(f"{what} must be one line of printable text")
+    # Unicode format characters (category Cf: bidi overrides such as U+202E, zero-width
+    # spaces, U+FEFF) are invisible: a name or path that shows as one thing and is another,
+    # or a setup line that reads differently from what the shell runs.
+    hidden = next((c for c in value if unicodedata.category(c) == "Cf"), None)
+    if hidden is not None:
+        raise ValueError(f"{what} must not contain invisible format characters (found U+{ord(hidden):04X})")
     return value
 
 
@@ -208,7 +216,9 @@ class TrainingSpec(_Section):
 class HardwareSpec(_Section):
     nodes: int = Field(1, ge=1, le=4096, description="Nodes (machines).")
     gpus_per_node: int = Field(1, ge=1, le=64, description="GPUs per node.")
-    gpu: Optional[str] = Field("H100-80GB", description=f"GPU model, sets gpu_memory_gb. Known: {', '.join(catalog.GPUS)}.")
+    gpu: Optional[str] = Field(
+        "H100-80GB", description=f"GPU model (any case), sets gpu_memory_gb. Known: {', '.join(catalog.GPUS)}."
+    )
     gpu_memory_gb: Optional[float] = Field(None, gt=0, le=4096, description="Usable memory per GPU in GiB; overrides `gpu`.")
     host_ram_gb: float = Field(256, gt=0, le=65536, description="Host RAM per node in GiB (for CPU offload).")
     cpus_per_node: int = Field(16, ge=1, le=4096, description="CPU cores per node for the Slurm request.")
@@ -217,11 +227,15 @@ class HardwareSpec(_Section):
     @field_validator("gpu")
     @classmethod
     def _gpu(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in catalog.GPUS:
-            close = difflib.get_close_matches(v, catalog.GPUS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ValueError(f"unknown GPU{hint}; known: {', '.join(catalog.GPUS)}, or set gpu_memory_gb")
-        return v
+        if v is None:
+            return v
+        # Any case: a100-80gb is A100-80GB (stored, and printed, by its catalog name).
+        by_lower = {name.lower(): name for name in catalog.GPUS}
+        if v.lower() in by_lower:
+            return by_lower[v.lower()]
+        close = difflib.get_close_matches(v.lower(), list(by_lower), n=1)
+        hint = f" (did you mean {by_lower[close[0]]}?)" if close else ""
+        raise ValueError(f"unknown GPU{hint}; known: {', '.join(catalog.GPUS)}, or set gpu_memory_gb")
 
     @field_validator("nvme_path")
     @classmethod
@@ -244,8 +258,55 @@ class HardwareSpec(_Section):
         return catalog.GPUS[self.gpu].memory_mib * catalog.MIB  # type: ignore[index]
 
     def gpu_tflops(self) -> float:
-        """Dense bf16 peak of the GPU (H100 when only a memory size is given)."""
-        return catalog.GPUS[self.gpu or "H100-80GB"].bf16_tflops
+        """Dense 16-bit peak of the GPU (H100 when only a memory size is given)."""
+        return catalog.GPUS[self.gpu or "H100-80GB"].peak_tflops
+
+
+# #SBATCH options that orch writes itself (orchestrator/slurm.py), or that contradict one it
+# writes, with what to do instead. slurm.extra_sbatch may not set them: both lines would
+# reach the script and which one wins would be sbatch's business, not the spec's.
+SBATCH_OPTIONS_ORCH_WRITES: dict[str, str] = {
+    "--nodes": "set hardware.nodes",
+    "--ntasks": "orch runs one launcher task per node",
+    "--ntasks-per-node": "orch runs one launcher task per node",
+    "--ntasks-per-gpu": "orch runs one launcher task per node",
+    "--gpus": "set hardware.gpus_per_node",
+    "--gpus-per-node": "set hardware.gpus_per_node",
+    "--gpus-per-task": "set hardware.gpus_per_node",
+    "--cpus-per-task": "set hardware.cpus_per_node",
+    "--cpus-per-gpu": "set hardware.cpus_per_node",
+    "--mem": "set slurm.mem_gb",
+    "--mem-per-cpu": "set slurm.mem_gb",
+    "--mem-per-gpu": "set slurm.mem_gb",
+    "--time": "set slurm.time",
+    "--job-name": "set name",
+    "--output": "orch writes the log where `orch logs` finds it",
+    "--error": "orch writes the log where `orch logs` finds it",
+    "--open-mode": "orch appends, so a requeued run continues its log",
+    "--signal": "set slurm.signal_seconds",
+    "--requeue": "orch requeues a job that checkpointed on USR1",
+    "--no-requeue": "orch requeues a job that checkpointed on USR1",
+    "--partition": "set slurm.partition",
+    "--account": "set slurm.account",
+    "--qos": "set slurm.qos",
+}
+
+
+def _sbatch_conflict(line: str) -> Optional[str]:
+    """Why an extra #SBATCH line may not be used, or None. sbatch reads long options with
+    getopt, which also takes an unambiguous prefix (--tim=1:00 is --time), so prefixes count;
+    --gres asks for GPUs when one of its items is gpu[:...]."""
+    name = re.match(r"--[^=\s]*", line).group()  # type: ignore[union-attr]  # _extra checked the "--"
+    taken = name if name in SBATCH_OPTIONS_ORCH_WRITES else next(
+        (o for o in SBATCH_OPTIONS_ORCH_WRITES if len(name) > 2 and o.startswith(name)), None)
+    if taken is not None:
+        shown = taken if taken == name else f"{taken} (abbreviated)"
+        return f"{line!r} sets {shown}, which orch writes itself: {SBATCH_OPTIONS_ORCH_WRITES[taken]}"
+    if name == "--gres":
+        items = re.split(r"[\s=,]+", line[len(name):])
+        if any(item == "gpu" or item.startswith("gpu:") for item in items):
+            return f"{line!r} asks for GPUs, which orch writes itself as --gpus-per-node: set hardware.gpus_per_node"
+    return None
 
 
 class SlurmSpec(_Section):
@@ -254,7 +315,12 @@ class SlurmSpec(_Section):
     qos: Optional[str] = Field(None, description="Slurm QOS.")
     time: str = Field("24:00:00", description="Time limit, [D-]HH:MM:SS.")
     mem_gb: Optional[int] = Field(None, ge=1, le=1_048_576, description="Host memory to request per node in GiB (default: hardware.host_ram_gb).")
-    extra_sbatch: list[str] = Field([], description="Extra #SBATCH options, e.g. ['--exclusive', '--constraint=h100'].")
+    extra_sbatch: list[str] = Field(
+        [],
+        description="Extra #SBATCH options, e.g. ['--exclusive', '--constraint=h100']. An option orch writes itself "
+        f"is rejected (also abbreviated, and --gres with gpu): {', '.join(SBATCH_OPTIONS_ORCH_WRITES)}; "
+        "set its spec field (hardware.nodes, slurm.time, ...) instead.",
+    )
     setup: list[str] = Field([], description="Shell lines run before launch (module load, conda activate). Trusted: they run as written.")
     signal_seconds: int = Field(300, ge=10, le=86400, description="Seconds before the time limit at which Slurm tells orch to checkpoint.")
 
@@ -263,6 +329,21 @@ class SlurmSpec(_Section):
     def _name(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9_.,:+-]+", v):
             raise ValueError("must be letters, digits and _ . , : + - only")
+        return v
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_read_as_number(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted 24:00:00 as a base-60 integer (86400): say so, with the
+        # text the user most likely wrote, instead of only "must be a string".
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 60:
+            digits = []
+            n = v
+            while n:
+                n, d = divmod(n, 60)
+                digits.append(d)
+            text = ":".join([str(digits[-1])] + [f"{d:02d}" for d in reversed(digits[:-1])])
+            raise ValueError(f'YAML reads an unquoted {text} as the base-60 number {v}: quote it, "{text}"')
         return v
 
     @field_validator("time")
@@ -287,6 +368,9 @@ class SlurmSpec(_Section):
             _one_line(line, "an #SBATCH option")
             if not line.startswith("--"):
                 raise ValueError(f"{line!r} must be a long option starting with '--'")
+            conflict = _sbatch_conflict(line)
+            if conflict:
+                raise ValueError(conflict)
         return v
 
     @field_validator("setup")
@@ -369,7 +453,20 @@ class JobSpec(_Section):
             raise ValueError(f"hardware.nvme_path: strategy {self.strategy} needs a local NVMe folder here")
         if self.model.attn_implementation == "flash_attention_2" and self.model.dtype == "fp32":
             raise ValueError("model.attn_implementation: flash_attention_2 needs model.dtype bf16 or fp16")
+        self._check_bf16()
         return self
+
+    def _check_bf16(self) -> None:
+        """A GPU without bf16 (V100) gets no bf16 dtype: its kernels would fail or emulate it slowly."""
+        gpu = self.hardware.gpu
+        if gpu is None or catalog.GPUS[gpu].bf16:
+            return
+        used = [("model.dtype", self.model.dtype)]
+        if self.method == "qlora":  # (storage_dtype only holds packed bytes: no bf16 arithmetic)
+            used.append(("quantization.compute_dtype", self.quantization.compute_dtype))
+        for path, dtype in used:
+            if dtype == "bf16":
+                raise ValueError(f"{path}: hardware.gpu {gpu} has no bf16; set {path}: fp16 (or fp32)")
 
     # Derived values: methods, so they stay consistent with the fields.
     def slug(self) -> str:
@@ -389,9 +486,26 @@ class JobSpec(_Section):
         return catalog.load_config_json(Path(self.model.name))
 
 
+SLUG_MAX = 100
+"""Longest slug: file names stay well inside the usual 255-byte limit."""
+_SLUG_HASH = re.compile(r".*_[0-9a-f]{8}")
+
+
 def safe_name(name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
-    return slug[:100] or "job"
+    """``name`` as one safe path component: letters, digits, ``. _ -``, not starting with ``. _ -``.
+
+    A name that is already such a component (and no longer than SLUG_MAX) is kept as it
+    is, so committed examples keep their file names. Any other name loses characters on
+    the way, and two names could lose them to the same slug (``模型一`` and ``模型二``):
+    it gets ``_`` and 8 hex digits of its SHA-256 appended. A kept name never ends that way
+    (one that does is hashed too), so distinct names give distinct slugs unless two names
+    with the same readable part share a 32-bit hash.
+    """
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    if base == name and len(name) <= SLUG_MAX and not _SLUG_HASH.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{base[:SLUG_MAX - 9] or 'job'}_{digest}"
 
 
 # ---------------------------------------------------------------------------
@@ -750,7 +864,8 @@ def validate_dict(data: dict, src: _Source) -> JobSpec:
 
 
 def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Optional[dict[tuple, int]] = None) -> None:
-    """Checks that need the file system: data files exist, model folder has config.json.
+    """Checks that need the file system: data files exist and their first rows fit data.format
+    (orchestrator/datacheck.py), model folder has config.json, LoRA targets are layers of the model.
 
     ``for_training`` adds what only training needs (weights to load); plan and
     compile work from the shape alone. ``lines`` (key path -> YAML line) adds
@@ -768,14 +883,20 @@ def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Opt
         where = at("data", "paths", i)
         if not path.exists():
             problems.append(f"{where}: data.paths.{i}: {p!r} does not exist")
-        elif path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+            continue
+        if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
             problems.append(f"{where}: data.paths.{i}: {p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)")
-        elif path.is_file():
+            continue
+        if path.is_file():
             try:
                 with path.open("rb"):
                     pass
             except OSError as exc:
                 problems.append(f"{where}: data.paths.{i}: cannot read {p!r} ({exc.strerror})")
+                continue
+        found = datacheck.check_data_path(i, p, job.data.format)
+        if found is not None:
+            problems.append(f"{at(*found.key)}: {found.field}: {found.message}")
     if not job.model.is_preset():
         folder = Path(job.model.name)
         if not folder.is_dir():
@@ -797,8 +918,31 @@ def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Opt
             problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
     if job.model.tokenizer is not None and not Path(job.model.tokenizer).is_dir():
         problems.append(f"{at('model', 'tokenizer')}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
+    unknown_targets = _unknown_lora_targets(job)
+    if unknown_targets:
+        problems.append(f"{at('lora', 'target_modules')}: lora.target_modules: {unknown_targets}")
     if problems:
         raise SpecError(problems)
+
+
+def _unknown_lora_targets(job: JobSpec) -> str:
+    """Why lora.target_modules names something that is not a linear layer of the model's decoder
+    blocks, or ''. Those layers are what the planner counts LoRA weights for; PEFT skips a name it
+    does not find (and fails after the queue wait when it finds none)."""
+    if job.method == "full" or job.lora.target_modules == "all-linear":
+        return ""
+    try:
+        linears = list(job.shape().linear_shapes())
+    except ValueError:
+        return ""  # model.name is wrong: reported on its own
+    unknown = [name for name in job.lora.target_modules if name not in linears]
+    if not unknown:
+        return ""
+    close = difflib.get_close_matches(unknown[0], linears, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    what = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
+    return (f"{', '.join(map(repr, unknown))} {what} of {job.model.name}'s decoder blocks{hint}; "
+            f"they are: {', '.join(linears)} (or all-linear)")
 
 
 def _override_paths(overrides: list[str]) -> dict[tuple, str]:
@@ -807,9 +951,14 @@ def _override_paths(overrides: list[str]) -> dict[tuple, str]:
 
 
 def load_job(
-    path: Union[str, Path], overrides: Optional[list[str]] = None, check_paths: bool = True, for_training: bool = False
+    path: Union[str, Path], overrides: Optional[list[str]] = None, check_paths: bool = True, for_training: bool = False,
+    warnings: Optional[list[str]] = None,
 ) -> JobSpec:
-    """Read, override, validate. Raises SpecError with one line per problem."""
+    """Read, override, validate. Raises SpecError with one line per problem.
+
+    ``warnings``, when given, receives one line per setting that is valid but probably not
+    what was meant (the CLI prints them; the job still runs).
+    """
     path = Path(path)
     overrides = list(overrides or [])
     data, src = read_yaml(path)
@@ -818,7 +967,33 @@ def load_job(
     job = validate_dict(data, src)
     if check_paths:
         check_files(job, str(path), for_training, lines=src.lines)
+    if warnings is not None:
+        warnings += job_warnings(job, src)
     return job
+
+
+def with_overrides(job: JobSpec, overrides: list[str]) -> JobSpec:
+    """``job`` with ``overrides`` applied and validated again, as `orch validate JOB OVERRIDES...`
+    validates them (the files are the job's and were checked with it). Raises SpecError."""
+    data = apply_overrides(job.model_dump(mode="json"), overrides)
+    return validate_dict(data, _Source(job.name, {}, _override_paths(overrides)))
+
+
+def job_warnings(job: JobSpec, src: _Source) -> list[str]:
+    """Valid settings that are probably mistakes, one line each, naming the field."""
+    out = []
+    t = job.training
+    if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+        out.append(f"{_where(('training', 'warmup_steps'), src)}: training.warmup_steps: {t.warmup_steps} warmup steps "
+                   f"for {t.max_steps} training steps: the learning rate never gets past warmup")
+    try:
+        shape = job.shape()
+    except ValueError:
+        shape = None  # a model folder without a usable config.json: check_files says so
+    if shape is not None and job.data.seq_len > shape.max_position_embeddings:
+        out.append(f"{_where(('data', 'seq_len'), src)}: data.seq_len: {job.data.seq_len} is above {job.model.name}'s "
+                   f"max_position_embeddings {shape.max_position_embeddings}: the model never saw such positions")
+    return out
 
 
 def json_schema() -> dict:

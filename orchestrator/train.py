@@ -687,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before or after the options
     return run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
 
 

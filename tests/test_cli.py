@@ -8,6 +8,10 @@ monkeypatched to fail.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,9 +228,13 @@ def test_models_json() -> None:
 def test_gpus() -> None:
     res = run_orch("gpus")
     assert res.returncode == 0
+    assert res.stdout.splitlines()[0].split() == ["gpu", "memory", "bf16", "16-bit", "TFLOP/s"]
     for name, gpu in catalog.GPUS.items():
         line = next(x for x in res.stdout.splitlines() if x.split()[0] == name)
         assert f"{gpu.memory_mib / 1024:.1f} GiB" in line
+        # Bug fixed: V100-32GB was listed with "bf16 125 TFLOP/s"; it has no bf16 (125 is its fp16 peak).
+        assert line.split()[3] == ("yes" if gpu.bf16 else "no")
+    assert next(x for x in res.stdout.splitlines() if x.startswith("V100-32GB")).split()[3:] == ["no", "125"]
 
 
 # --- help -----------------------------------------------------------------------------------------
@@ -318,3 +326,165 @@ def test_keyboard_interrupt_exit_130(monkeypatch: pytest.MonkeyPatch, capsys: py
     monkeypatch.setattr(spec, "load_job", interrupted)  # fault injection: Ctrl-C during loading
     assert cli.main(["validate", "jobs/tiny.yaml"]) == 130
     assert capsys.readouterr().err == "orch: interrupted\n"
+
+
+# --- overrides anywhere after the command ---------------------------------------------------------
+
+
+def test_overrides_mix_with_options_on_every_command_that_takes_them() -> None:
+    """Bug fixed: `orch plan JOB --json k=v` failed with "unrecognized arguments"."""
+    parser = cli.build_parser()
+    with_overrides = {name: sub for name, sub in _subcommands().items() if any(a.dest == "overrides" for a in sub._actions)}
+    assert set(with_overrides) == {"validate", "plan", "compile", "submit", "train"}
+    for name, sub in with_overrides.items():
+        flags = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.nargs == 0 and a.dest != "help"]
+        argv = [name, "a.b=1", *flags[:1], "c.d=2", *flags[1:2], "e.f=3"]
+        argv.insert(1, "jobs/tiny.yaml")
+        args = cli.parse_args(parser, argv)
+        assert (args.job, args.overrides) == ("jobs/tiny.yaml", ["a.b=1", "c.d=2", "e.f=3"]), argv
+        assert all(getattr(args, sub._option_string_actions[f].dest) for f in flags[:2]), argv
+    # the trainer's own entry point (what the deepspeed launcher runs) too
+    from orchestrator import train
+
+    args = train.build_parser().parse_intermixed_args(["--job", "j.yaml", "a.b=1", "--resume", "c.d=2"])
+    assert (args.job, args.overrides, args.resume) == ("j.yaml", ["a.b=1", "c.d=2"], True)
+
+
+def test_override_after_option_subprocess(tmp_path: Path) -> None:
+    res = run_orch("plan", "jobs/tiny.yaml", "--json", "name=renamed", "training.max_steps=5")
+    assert (res.returncode, res.stderr) == (0, "")
+    assert json.loads(res.stdout)["job"] == "renamed"
+    res = run_orch("submit", "jobs/tiny.yaml", "--dry-run", "--out", tmp_path, f"training.output_dir={tmp_path}/x",
+                   "--portable")
+    assert (res.returncode, res.stderr) == (0, "")
+    assert f"logs:      {tmp_path}/x/logs" in res.stdout
+    # what is not an override is still refused
+    res = run_orch("plan", "jobs/tiny.yaml", "--json", "--bogus")
+    assert res.returncode == 2 and res.stderr.splitlines()[-1] == "orch: error: unrecognized arguments: --bogus"
+
+
+# --- a closed stdout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [("models",), ("plan", "jobs/tiny.yaml"), ("schema",)])
+def test_closed_stdout_exits_quietly(args: tuple) -> None:
+    """Bug fixed: `orch plan JOB | head -2` and `orch models | head` ended with a BrokenPipeError
+    traceback. The reader's end of the pipe is closed before orch starts, so every write fails,
+    whatever the timing (the `head` case, deterministically)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO_ROOT, env=orch_env(),
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (cli.Exit.BROKEN_PIPE, "")
+
+
+# --- warnings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["validate"], ["plan", "--json"], ["submit", "--dry-run", "--portable"]])
+def test_warnings_go_to_stderr_one_line_each(command: list[str], tmp_path: Path) -> None:
+    extra = ["--out", str(tmp_path)] if command[0] == "submit" else []
+    res = run_orch(command[0], "jobs/tiny.yaml", *command[1:], *extra, "training.max_steps=2", "data.seq_len=4096")
+    assert res.returncode == 0, res.stderr
+    warmup_line = line_of((REPO_ROOT / "jobs/tiny.yaml").read_text(), "warmup_steps:")
+    assert res.stderr.splitlines() == [
+        f"orch: warning: jobs/tiny.yaml:{warmup_line}: training.warmup_steps: 2 warmup steps for "
+        "2 training steps: the learning rate never gets past warmup",
+        "orch: warning: jobs/tiny.yaml (override 'data.seq_len=4096'): data.seq_len: 4096 is above tiny-llama's "
+        "max_position_embeddings 2048: the model never saw such positions",
+    ]
+    if command[0] == "plan":
+        json.loads(res.stdout)  # stdout stays one JSON object
+
+
+# --- every example in the help texts runs ---------------------------------------------------------
+
+
+def help_examples() -> list[str]:
+    """Every example command line in `orch --help` and each subcommand's --help (the lines under
+    "example:" / "examples:")."""
+    texts = [cli.build_parser().format_help()] + [sub.format_help() for sub in _subcommands().values()]
+    examples = []
+    for text in texts:
+        block = False
+        for line in text.splitlines():
+            if line.strip().lower() in ("example:", "examples:"):
+                block = True
+            elif block and line.startswith("  ") and line.strip():
+                examples.append(line.strip())
+            else:
+                block = False
+    return examples
+
+
+# Examples that are checked for argument validity and for their files, not run: `orch train` trains in
+# this process for a minute (tests/test_train_runs.py runs the trainer), and status/cancel/logs need a
+# Slurm cluster and a job id (tests/test_slurm_cli.py runs them against the local cluster).
+NOT_RUN = ("orch train ", "orch status", "orch cancel ", "orch logs ")
+
+
+def test_help_examples_run_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
+    """Bug fixed: the help named jobs/llama8b_full.yaml and runs/tiny/job.yaml, which do not exist.
+
+    Each example runs in a copy of the checkout's files (what a fresh clone has), through an `orch`
+    on PATH, with bash, as written. `orch submit` examples get --dry-run appended: --local trains for
+    a minute and a real submit needs a Slurm cluster with GPUs; --dry-run compiles and prints the
+    batch script, which checks everything up to the launch. Afterwards no file of the clone has changed.
+    """
+    examples = help_examples()
+    assert any(e.startswith("orch compile") for e in examples) and any(e.startswith("orch train") for e in examples)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    clone = tmp_path / "clone"
+    for name in files:
+        if (REPO_ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, clone / name)
+    before = {name: (clone / name).read_bytes() for name in files if (clone / name).is_file()}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "orch").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m orchestrator.cli "$@"\n')
+    (bin_dir / "orch").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(clone))
+    parser = cli.build_parser()
+    for example in examples:
+        argv = shlex.split(example, comments=True)
+        if example.startswith(NOT_RUN):
+            args = cli.parse_args(parser, argv[1:])  # argparse exits (SystemExit) on a bad argument
+            for value in [getattr(args, "job", None), getattr(args, "ds_config", None)]:
+                assert value is None or (clone / value).is_file(), (example, value)
+            continue
+        line = example.split("#")[0].strip() + (" --dry-run" if argv[1] == "submit" else "")
+        proc = subprocess.run(["bash", "-c", line], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "error" not in proc.stderr, (line, proc.stderr[-2000:])
+    after = {name: (clone / name).read_bytes() for name in before}
+    assert [name for name in before if before[name] != after[name]] == []
+
+
+def test_help_mentions_only_files_that_exist() -> None:
+    """Paths named anywhere in the help (option descriptions too) exist in the repository."""
+    texts = [cli.build_parser().format_help()] + [sub.format_help() for sub in _subcommands().values()]
+    named = set(re.findall(r"\b((?:jobs|slurm|ds_configs|models)/[\w./-]+\.(?:yaml|json))\b", "\n".join(texts)))
+    assert named and all((REPO_ROOT / p).is_file() for p in named), named
+
+
+_INJECT_BROKEN_PIPE = """
+import sys
+from orchestrator import cli, spec
+def broken(*a, **k):
+    raise BrokenPipeError(32, "Broken pipe")
+spec.load_job = broken  # fault injection: a broken pipe that is not stdout's (a socket, a child's pipe)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_broken_pipe_that_is_not_stdout_is_an_error() -> None:
+    """Only a closed stdout ends quietly: a BrokenPipeError from a socket or a child's pipe (wandb's
+    service inside `orch train`) is reported like any other failure. stdout is an open pipe here."""
+    res = subprocess.run([sys.executable, "-c", _INJECT_BROKEN_PIPE, "validate", "jobs/tiny.yaml"], cwd=REPO_ROOT,
+                         env=orch_env(), capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stdout) == (cli.Exit.ERROR, "")
+    assert res.stderr == "orch: error: BrokenPipeError: [Errno 32] Broken pipe (run with --debug for the traceback)\n"

@@ -8,6 +8,7 @@ machine). tests/test_cli.py repeats a sample of them as real subprocesses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bad = tmp_path / "gpt2_model"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "alpaca_no_output.jsonl").write_text('{"instruction": "add", "input": "2 and 3"}\n')
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "part-0.jsonl").write_text('{"text": "hello"}\n')
     zero = tmp_path / "zero_heads"
     zero.mkdir()
     (zero / "config.json").write_text(json.dumps({
@@ -130,6 +135,37 @@ CASES = [
     Case("config_zero_heads", sub("name: tiny-llama", "name: zero_heads"), "model.name", "zero_heads", "num_attention_heads"),
     Case("tokenizer_not_folder", sub("  weights: random", "  weights: random\n  tokenizer: nope"), "model.tokenizer",
          "tokenizer", "is not a folder"),
+    # data that the trainer would refuse after the queue wait: caught from the first rows
+    Case("empty_data_file", sub("paths: [data.jsonl]", "paths: [data.jsonl, empty.jsonl]"), "data.paths.1", "paths:",
+         "'empty.jsonl' has no rows"),
+    Case("chat_format_on_text_rows", sub("format: text", "format: chat"), "data.format", "format: chat",
+         "format 'chat' needs 'messages': a list of {role, content}, but line 1 of 'data.jsonl' (data.paths.0) has keys text"),
+    Case("alpaca_without_output", sub("format: text", "format: alpaca", sub("paths: [data.jsonl]", "paths: [alpaca_no_output.jsonl]")),
+         "data.format", "format: alpaca", "format 'alpaca' needs a string field 'output'"),
+    Case("folder_not_a_dataset", sub("paths: [data.jsonl]", "paths: [shards]"), "data.paths.0", "paths:",
+         "not a data set saved with save_to_disk"),
+    Case("target_module_not_in_model", sub("lora: {r: 8, alpha: 16}", "lora: {r: 8, alpha: 16, target_modules: [q_proj, vproj]}"),
+         "lora.target_modules", "lora:", "'vproj' is not a linear layer of tiny-llama's decoder blocks (did you mean 'v_proj'?)"),
+    # GPUs without bf16 (V100): no bf16 dtype, named with the fp16 alternative
+    Case("bf16_on_v100", sub("dtype: fp32", "dtype: bf16", sub("gpu_memory_gb: 4", "gpu: V100-32GB")), "model.dtype", "dtype: bf16",
+         "hardware.gpu V100-32GB has no bf16; set model.dtype: fp16"),
+    Case("bf16_compute_on_v100", sub("gpu_memory_gb: 4", "gpu: v100-32gb"), "quantization.compute_dtype", None,
+         "set quantization.compute_dtype: fp16"),
+    # YAML 1.1 reads unquoted 24:00:00 as 86400
+    Case("time_unquoted", sub('time: "00:10:00"', "time: 24:00:00"), "slurm.time", "time:",
+         'got 86400; YAML reads an unquoted 24:00:00 as the base-60 number 86400: quote it, "24:00:00"'),
+    # invisible Unicode format characters (bidi overrides) in one-line text
+    Case("name_bidi_override", sub("name: demo", 'name: "invoice\u202Egpj.exe"'), "name", "name:", "(found U+202E)"),
+    Case("setup_bidi_isolate", sub("slurm:", 'slurm:\n  setup: ["echo \u2066hi"]'), "slurm.setup", "setup:", "(found U+2066)"),
+    # extra #SBATCH options that orch writes itself
+    Case("sbatch_time_twice", sub("slurm:", "slurm:\n  extra_sbatch: ['--time=01:00:00']"), "slurm.extra_sbatch", "extra_sbatch",
+         "'--time=01:00:00' sets --time, which orch writes itself: set slurm.time"),
+    Case("sbatch_no_requeue", sub("slurm:", "slurm:\n  extra_sbatch: [--exclusive, --no-requeue]"), "slurm.extra_sbatch",
+         "extra_sbatch", "orch requeues a job that checkpointed on USR1"),
+    Case("sbatch_abbreviated_nodes", sub("slurm:", "slurm:\n  extra_sbatch: ['--node=2']"), "slurm.extra_sbatch", "extra_sbatch",
+         "sets --nodes (abbreviated), which orch writes itself: set hardware.nodes"),
+    Case("sbatch_gres_gpu", sub("slurm:", "slurm:\n  extra_sbatch: ['--gres=tmpfs:10G,gpu:a100:4']"), "slurm.extra_sbatch",
+         "extra_sbatch", "asks for GPUs, which orch writes itself as --gpus-per-node"),
     # enums and formats
     Case("bad_dtype", sub("dtype: fp32", "dtype: fp8"), "model.dtype", "dtype", "allowed: 'bf16', 'fp16' or 'fp32'"),
     Case("bad_method", sub("method: qlora", "method: dora"), "method", "method", "allowed:"),
@@ -397,7 +433,7 @@ _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @pytest.mark.parametrize("name", ["..", "...", ".", "../../etc/passwd", "a/b\\c", "-rf", "日本語", "  x  ", "CON",
-                                  "a" * 128, "x\u200b", "._-", "job name (v2)"])
+                                  "a" * 128, "x\u00a0", "._-", "job name (v2)", "模型一", "llama-ß"])
 def test_slug_is_one_safe_path_component(workdir: Path, name: str) -> None:
     (workdir / "job.yaml").write_text(BASE)
     job = spec.load_job("job.yaml", [f"name={json.dumps(name)}"])
@@ -407,10 +443,33 @@ def test_slug_is_one_safe_path_component(workdir: Path, name: str) -> None:
     assert job.output_dir() == Path("runs") / slug
 
 
+def _sha8(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
 def test_slug_keeps_readable_names() -> None:
-    assert spec.safe_name("llama70b-lora") == "llama70b-lora"
-    assert spec.safe_name("my job (v2)") == "my_job_v2"
-    assert spec.safe_name("..") == "job"
+    # A name that is already one safe component is its own slug: the committed examples keep their files.
+    for name in ("llama70b-lora", "tiny", "llama8b-qlora-24gb", "a.b_c-d", "a" * 100):
+        assert spec.safe_name(name) == name
+    # Any other name keeps its readable part and gets 8 hex digits of its SHA-256.
+    assert spec.safe_name("my job (v2)") == f"my_job_v2_{_sha8('my job (v2)')}"
+    assert spec.safe_name("..") == f"job_{_sha8('..')}"
+    assert spec.safe_name("a" * 101) == f"{'a' * 91}_{_sha8('a' * 101)}"  # 91 + 1 + 8 = 100 characters
+    # A safe name that ends like a hashed slug is hashed too, so it cannot equal another name's slug.
+    assert spec.safe_name("x_0123abcd") == f"x_0123abcd_{_sha8('x_0123abcd')}"
+
+
+@pytest.mark.parametrize("a, b", [("模型一", "模型二"), ("llama-ß", "llama-日本"), ("my job", "my_job"), ("a/b", "a_b"),
+                                  ("a" * 101, "a" * 102), ("-rf", "rf")])
+def test_distinct_names_give_distinct_folders_and_files(workdir: Path, a: str, b: str) -> None:
+    """Bug fixed: 模型一 and 模型二 both became `job`, llama-ß and llama-日本 both `llama`."""
+    from orchestrator import compiler
+
+    (workdir / "job.yaml").write_text(BASE)
+    job_a, job_b = (spec.load_job("job.yaml", [f"name={json.dumps(n)}"]) for n in (a, b))
+    assert job_a.output_dir() != job_b.output_dir()
+    files_a, files_b = compiler.output_files(job_a, Path("out")), compiler.output_files(job_b, Path("out"))
+    assert all(files_a[k] != files_b[k] for k in files_a)
 
 
 # --- schema -------------------------------------------------------------------------------------
@@ -504,3 +563,118 @@ def test_problem_list_is_capped(workdir: Path) -> None:
 def test_slurm_time_seconds(text: str, seconds: int) -> None:
     # Slurm's forms: D-HH = days and hours; D-HH:MM; HH:MM:SS. 1-12:30 = 86400 + 12*3600 + 30*60 = 131400.
     assert spec.SlurmSpec(time=text).time_seconds() == seconds
+
+
+# --- GPUs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("written", ["a100-80gb", "A100-80gb", "A100-80GB"])
+def test_gpu_names_any_case(workdir: Path, written: str) -> None:
+    """Bug fixed: GPU names were case-sensitive, and `a100-80gb` suggested H100-80GB."""
+    (workdir / "job.yaml").write_text(sub("gpu_memory_gb: 4", f"gpu: {written}"))
+    job = spec.load_job("job.yaml")
+    assert job.hardware.gpu == "A100-80GB"
+    assert job.hardware.gpu_memory_bytes() == catalog.GPUS["A100-80GB"].memory_mib * catalog.MIB
+
+
+def test_gpu_typo_suggests_the_same_gpu_in_any_case(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(sub("gpu_memory_gb: 4", "gpu: a100-80g"))
+    with pytest.raises(spec.SpecError, match=r"hardware.gpu: got 'a100-80g'; unknown GPU \(did you mean A100-80GB\?\)"):
+        spec.load_job("job.yaml")
+
+
+def test_gpu_without_bf16_runs_fp16(workdir: Path) -> None:
+    assert not catalog.GPUS["V100-32GB"].bf16
+    assert [name for name, gpu in catalog.GPUS.items() if not gpu.bf16] == ["V100-32GB"]
+    (workdir / "job.yaml").write_text(sub("dtype: fp32", "dtype: fp16", sub("gpu_memory_gb: 4", "gpu: V100-32GB")))
+    job = spec.load_job("job.yaml", ["quantization.compute_dtype=fp16"])
+    assert (job.model.dtype, job.quantization.compute_dtype) == ("fp16", "fp16")
+    # method full never dequantizes: quantization.compute_dtype (bf16 by default) does not matter there
+    assert spec.load_job("job.yaml", ["method=full"]).quantization.compute_dtype == "bf16"
+
+
+# --- slurm.extra_sbatch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line", ["--exclusive", "--constraint=h100&ib", "--time-min=01:00:00", "--gres=tmpfs:10G",
+                                  "--gpu-bind=closest", "--mail-type=END", "--nodelist=n[1-2]", "--mem-bind=local"])
+def test_extra_sbatch_options_orch_does_not_write_are_kept(workdir: Path, line: str) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    job = spec.load_job("job.yaml", [f"slurm.extra_sbatch=[{json.dumps(line)}]"])
+    assert job.slurm.extra_sbatch == [line]
+
+
+def test_every_option_orch_writes_is_reserved(workdir: Path) -> None:
+    """The reserved table covers every #SBATCH option orch generates (so extra_sbatch cannot set one twice)."""
+    from orchestrator import slurm
+
+    (workdir / "job.yaml").write_text(BASE)
+    job = spec.load_job("job.yaml", ["slurm.partition=gpu", "slurm.account=a", "slurm.qos=q"])
+    written = {opt.split("=", 1)[0] for opt in slurm.sbatch_options(job, slurm.SbatchPaths("j.yaml", "d.json", "logs"))}
+    assert written <= set(spec.SBATCH_OPTIONS_ORCH_WRITES), written - set(spec.SBATCH_OPTIONS_ORCH_WRITES)
+    for name in written:  # and each is rejected in extra_sbatch, by name
+        with pytest.raises(spec.SpecError, match=f"sets {name}, which orch writes itself"):
+            spec.load_job("job.yaml", [f"slurm.extra_sbatch=['{name}=1']"])
+
+
+def test_schema_states_the_extra_sbatch_rule() -> None:
+    desc = spec.json_schema()["$defs"]["SlurmSpec"]["properties"]["extra_sbatch"]["description"]
+    assert "An option orch writes itself is rejected" in desc
+    assert all(name in desc for name in spec.SBATCH_OPTIONS_ORCH_WRITES)
+
+
+# --- other one-line text --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u202a", "\u2066", "\u2069", "\u200e", "\u061c", "\ufeff", "\u200b"])
+def test_format_characters_rejected_where_one_line_is_required(workdir: Path, char: str) -> None:
+    """Bug fixed: an RTL override (U+202E) in the name was accepted; every one-line field refuses
+    invisible format characters (Unicode category Cf)."""
+    (workdir / "job.yaml").write_text(BASE)
+    for override, field in [(f"name=a{char}b", "name"), (f"data.paths=['a{char}.jsonl']", "data.paths"),
+                            (f"training.output_dir=runs/{char}x", "training.output_dir"),
+                            (f"slurm.setup=['echo {char}']", "slurm.setup")]:
+        with pytest.raises(spec.SpecError) as exc:
+            spec.load_job("job.yaml", [override])
+        assert f": {field}: " in str(exc.value) and f"(found U+{ord(char):04X})" in str(exc.value), str(exc.value)
+
+
+def test_time_override_read_as_number_says_quote_it(workdir: Path) -> None:
+    (workdir / "job.yaml").write_text(BASE)
+    with pytest.raises(spec.SpecError) as exc:
+        spec.load_job("job.yaml", ["slurm.time=1:30:00"])  # 1*3600 + 30*60 = 5400
+    assert str(exc.value) == ("job.yaml (override 'slurm.time=1:30:00'): slurm.time: got 5400; YAML reads an unquoted "
+                              '1:30:00 as the base-60 number 5400: quote it, "1:30:00"')
+    assert spec.load_job("job.yaml", ['slurm.time="1:30:00"']).slurm.time == "1:30:00"
+
+
+# --- warnings -------------------------------------------------------------------------------------
+
+
+def test_warnings_warmup_longer_than_training_and_seq_len_above_positions(workdir: Path) -> None:
+    text = sub("max_steps: 5", "max_steps: 5\n  warmup_steps: 8", sub("seq_len: 64", "seq_len: 4096"))
+    (workdir / "job.yaml").write_text(text)
+    warnings: list[str] = []
+    job = spec.load_job("job.yaml", warnings=warnings)  # valid: warnings do not stop the job
+    assert job.training.warmup_steps == 8
+    assert warnings == [
+        f"job.yaml:{line_of(text, 'warmup_steps')}: training.warmup_steps: 8 warmup steps for 5 training steps: "
+        "the learning rate never gets past warmup",
+        # tiny-llama's max_position_embeddings is 2048 (orchestrator/catalog.py)
+        f"job.yaml:{line_of(text, 'seq_len')}: data.seq_len: 4096 is above tiny-llama's max_position_embeddings 2048: "
+        "the model never saw such positions",
+    ]
+    quiet: list[str] = []
+    spec.load_job("job.yaml", ["training.warmup_steps=4", "data.seq_len=2048"], warnings=quiet)
+    assert quiet == []
+    from_override: list[str] = []
+    spec.load_job("job.yaml", ["training.max_steps=8", "data.seq_len=2048"], warnings=from_override)
+    assert from_override == [f"job.yaml:{line_of(text, 'warmup_steps')}: training.warmup_steps: 8 warmup steps for 8 training steps: "
+                             "the learning rate never gets past warmup"]
+
+
+def test_example_jobs_have_no_warnings() -> None:
+    for path in EXAMPLE_JOBS:
+        warnings: list[str] = []
+        spec.load_job(path, check_paths=False, warnings=warnings)
+        assert warnings == [], path

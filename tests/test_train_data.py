@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator import data as D
+from orchestrator import datacheck
 from orchestrator.spec import load_job
 from tests.train_helpers import tiny_job
 
@@ -100,8 +101,11 @@ def test_cache_is_reused_and_keyed_on_seq_len(tmp_path):
 
 
 def test_bad_row_is_a_one_line_error(tmp_path):
+    # `orch validate` checks the first rows (orchestrator/datacheck.py); a bad row further down is
+    # found by the trainer, with the same message (datacheck.row_problem).
+    good = [json.dumps({"text": "fine"})] * datacheck.FIRST_ROWS
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"txt": "no text field"}) + "\n")
+    path.write_text("\n".join(good + [json.dumps({"txt": "no text field"})]) + "\n")
     job = load_job(tiny_job(tmp_path, "bad", data={"paths": [str(path)]}))
-    with pytest.raises(D.DataError, match="data row 0: format 'text' needs a string field 'text'"):
+    with pytest.raises(D.DataError, match=f"data row {datacheck.FIRST_ROWS}: format 'text' needs a string field 'text'"):
         D.tokenize_all(job, D.byte_tokenizer())

@@ -60,6 +60,42 @@ def test_unreadable_data_file(tmp_path: Path) -> None:
     assert _files(tmp_path / "gen") == []
 
 
+def _data_case(tmp_path: Path, kind: str) -> tuple[list[str], tuple[str, ...]]:
+    """Overrides that point the tiny job at bad data of one kind, and what the error must name."""
+    if kind == "empty_file":
+        (tmp_path / "empty.jsonl").write_text("")
+        return [f"data.paths=[{tmp_path}/empty.jsonl]"], ("data.paths.0", "has no rows")
+    if kind == "chat_on_text_rows":  # jobs/data/tiny.jsonl holds {"text": ...} rows
+        return ["data.format=chat"], ("data.format", "format 'chat' needs 'messages'", "has keys text")
+    if kind == "alpaca_without_output":
+        (tmp_path / "a.jsonl").write_text(json.dumps({"instruction": "add", "input": "2 and 3"}) + "\n")
+        return [f"data.paths=[{tmp_path}/a.jsonl]", "data.format=alpaca"], ("data.format", "'output'")
+    if kind == "folder_not_a_dataset":
+        (tmp_path / "shards").mkdir()
+        shutil.copy(REPO_ROOT / "jobs" / "data" / "tiny.jsonl", tmp_path / "shards" / "part-0.jsonl")
+        return [f"data.paths=[{tmp_path}/shards]"], ("data.paths.0", "not a data set saved with save_to_disk")
+    assert kind == "unknown_lora_target"
+    return ["method=lora", "lora.target_modules=[q_proj, qkv_proj]"], ("lora.target_modules", "'qkv_proj' is not a linear layer")
+
+
+@pytest.mark.parametrize("kind", ["empty_file", "chat_on_text_rows", "alpaca_without_output", "folder_not_a_dataset",
+                                  "unknown_lora_target"])
+def test_bad_data_refused_by_submit_before_sbatch(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture) -> None:
+    """Bug fixed: `orch submit` accepted these and only the trainer refused them, after the queue wait
+    (an empty file ended in `StopIteration:`). Now submit refuses them (exit 2) and writes nothing; so
+    does the trainer's entry point (in-process here), which loads the spec through the same checks."""
+    from orchestrator import train
+
+    overrides, needles = _data_case(tmp_path, kind)
+    _one_line_error(_submit(tmp_path, *overrides), 2, *needles)
+    assert _files(tmp_path / "gen") == [] and not (tmp_path / "run").exists()
+    job = tiny_job(tmp_path, "t", training={"output_dir": str(tmp_path / "trainer_run")})
+    assert train.run(str(job), overrides, None, resume=False) == train.EXIT_BAD_SPEC == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert not (tmp_path / "trainer_run").exists()
+
+
 def test_model_folder_without_config_json(tmp_path: Path) -> None:
     folder = tmp_path / "mymodel"
     folder.mkdir()

@@ -5,7 +5,7 @@ Most cases call `spec.load_job` in-process (fast); a smaller number run the real
 `orch validate` (and, once orchestrator/compiler.py exists, `orch compile --out`)
 as subprocesses and check that nothing is written for a rejected spec.
 
-Example counts (max_examples, set explicitly per test): 500 + 150 + 150 + 200 + 300 + 25 + 15 + 15 = 1,355.
+Example counts (max_examples, set explicitly per test): 500 + 150 + 150 + 200 + 300 + 300 + 25 + 15 + 15 = 1,655.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ scalars = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=20),
     st.sampled_from(["", " ", "..", ".", "\n", "a\nb", "x\x00y", "\u2028", "\x85", "日本語", "../../etc", "$(rm -rf /)",
-                     "all-linear", "zero3", "H100", "bf16", "00:10:00", "--exclusive", "llama3-8b", "{name}"]),
+                     "all-linear", "zero3", "H100", "bf16", "00:10:00", "--exclusive", "llama3-8b", "{name}", "\u202egpj.exe",
+                     "--time=1:00:00", "v100-32gb"]),
 )
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
@@ -222,6 +223,18 @@ def test_slug_always_single_safe_component(name: str) -> None:
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", slug), slug
     assert slug not in (".", "..") and "/" not in slug and "\\" not in slug
     assert Path(slug).name == slug and len(Path(slug).parts) == 1
+
+
+# Characters that are kept, replaced or dropped by the slug, so that many different names share a
+# readable part (a_b, a b, a/b, a日b ...) and only the hash tells them apart.
+_NAME_CHARS = st.sampled_from(["a", "b", "1", ".", "_", "-", " ", "/", "ß", "日", "本", "\u00e9", "e\u0301", "_0123abcd"])
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(names=st.lists(st.lists(_NAME_CHARS, min_size=1, max_size=6).map("".join), min_size=2, max_size=30, unique=True))
+def test_distinct_names_give_distinct_slugs(names: list[str]) -> None:
+    slugs = [spec.safe_name(name) for name in names]
+    assert len(set(slugs)) == len(names), sorted(zip(slugs, names))
 
 
 def test_valid_base_loads(fuzz_dir: Path) -> None:
