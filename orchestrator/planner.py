@@ -333,7 +333,8 @@ def checkpointing_choices(job: JobSpec) -> list[bool]:
 
 def with_knobs(job: JobSpec, micro_batch_size: int, gradient_checkpointing: bool) -> JobSpec:
     """``job`` with concrete knob values (no re-validation: the values come from the choices above)."""
-    return _with(job, "training", micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
+    knobs = {"micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing}
+    return job.model_copy(update={"training": job.training.model_copy(update=knobs)})
 
 
 def most_frugal(job: JobSpec) -> JobSpec:
@@ -440,11 +441,11 @@ def _changed(job: JobSpec, overrides: list[str]) -> Optional[JobSpec]:
 
 
 def _fit(job: JobSpec, shape: ModelShape) -> Optional[Candidate]:
-    """What `orch plan` would choose for ``job`` (its forced strategy, or the fastest that fits), or None."""
+    """What `orch plan` would choose for ``job`` (its forced strategy, or the fastest that fits, each
+    with its best knobs where the spec says auto), or None."""
     if job.strategy == "auto":
         return _best(_candidates(job, shape))
-    forced = evaluate(job, job.strategy, shape)
-    return forced if forced.fits else None
+    return _best(_search(job, job.strategy, shape))
 
 
 def _levers(job: JobSpec) -> list[list[str]]:
