@@ -233,7 +233,9 @@ def test_no_fit_with_auto_knobs_suggests_from_the_most_frugal_knobs(capsys):
     # the knob levers are already at micro batch 1 + checkpointing: the suggestion changes something else
     assert result.suggestion.startswith("try method=qlora")
     assert "micro_batch_size" not in result.suggestion and "gradient_checkpointing" not in result.suggestion
-    assert planner.plan(load("llama8b_qlora_24gb.yaml", "method=qlora", *AUTO)).chosen is not None
+    # the suggestion, pasted after the user's spec (knobs still auto), loads and fits
+    overrides = result.suggestion.removeprefix("try ").split(":")[0].split()
+    assert planner.plan(load("llama8b_qlora_24gb.yaml", "method=full", *AUTO, *overrides)).chosen is not None
 
 
 # --- outputs --------------------------------------------------------------------------------------
