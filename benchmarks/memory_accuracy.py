@@ -310,18 +310,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# Memory model accuracy ({meta.get('date', '')}, {meta.get('device', '')})", "",
            "Peak `torch.cuda.max_memory_allocated()` per GPU during training (max over ranks), GiB. "
            "Error = (predicted - measured) / measured.", "",
+           "Load peak: `max_memory_allocated()` from model load through engine init (before the first step).", "",
            "| config | role | GPUs | strategy | orch predicted | measured | error % | DeepSpeed est. | error % "
-           "| params x bytes | error % | load pred. | load meas. |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| params x bytes | error % | load pred. | load meas. | load error % |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['config']} | {r['role']} | {r['gpus']} | {r['strategy']} | {_g(r['predicted_peak_bytes'])} | "
                    f"{_g(r.get('measured_peak_bytes'))} | {_e(r.get('error_pct'))} | {_g(r.get('deepspeed_estimate_bytes'))} | "
                    f"{_e(r.get('deepspeed_error_pct'))} | {_g(r.get('rule_of_thumb_bytes'))} | "
                    f"{_e(r.get('rule_of_thumb_error_pct'))} | {_g(r.get('predicted_load_peak_bytes'))} | "
-                   f"{_g(r.get('measured_load_peak_bytes'))} |")
+                   f"{_g(r.get('measured_load_peak_bytes'))} | {_e(r.get('load_error_pct'))} |")
     out += ["", "| estimator | rows | median abs error % | worst abs error % |", "|---|---|---|---|"]
     for label, key, role in (("orch, all", "error_pct", None), ("orch, calibration", "error_pct", "calibration"),
-                             ("orch, held out", "error_pct", "held_out"), ("DeepSpeed estimator", "deepspeed_error_pct", None),
+                             ("orch, held out", "error_pct", "held_out"), ("orch load peak", "load_error_pct", None),
+                             ("DeepSpeed estimator", "deepspeed_error_pct", None),
                              ("params x bytes", "rule_of_thumb_error_pct", None)):
         s = stats(rows, key, role)
         if s:
@@ -332,21 +334,26 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'config':<30} {'role':<11} {'pred GiB':>8} {'meas GiB':>8} {'err %':>7} {'DS GiB':>7} {'DS err':>7} {'rule err':>8}")
+    print(f"{'config':<30} {'role':<11} {'pred GiB':>8} {'meas GiB':>8} {'err %':>7} {'DS GiB':>7} {'DS err':>7} {'rule err':>8}"
+          f" {'load pred':>9} {'load meas':>9} {'load err':>8}")
     for r in rows:
         print(f"{r['config']:<30} {r['role']:<11} {_g(r['predicted_peak_bytes']):>8} {_g(r.get('measured_peak_bytes')):>8} "
               f"{_e(r.get('error_pct')):>7} {_g(r.get('deepspeed_estimate_bytes')):>7} {_e(r.get('deepspeed_error_pct')):>7} "
-              f"{_e(r.get('rule_of_thumb_error_pct')):>8}")
+              f"{_e(r.get('rule_of_thumb_error_pct')):>8} {_g(r.get('predicted_load_peak_bytes')):>9} "
+              f"{_g(r.get('measured_load_peak_bytes')):>9} {_e(r.get('load_error_pct')):>8}")
     for role in (None, "calibration", "held_out"):
         s = stats(rows, "error_pct", role)
         if s:
             print(f"orch {role or 'all'}: n={s['n']} median |err| {s['median_abs_pct']} %, worst {s['worst_abs_pct']} %")
+    s = stats(rows, "load_error_pct")
+    if s:
+        print(f"orch load peak: n={s['n']} median |err| {s['median_abs_pct']} %, worst {s['worst_abs_pct']} %")
 
 
 def save(rows: list[dict], meta: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {**meta, "summary": {"all": stats(rows), "calibration": stats(rows, role="calibration"),
-                                   "held_out": stats(rows, role="held_out"),
+                                   "held_out": stats(rows, role="held_out"), "load_peak": stats(rows, "load_error_pct"),
                                    "deepspeed": stats(rows, "deepspeed_error_pct"),
                                    "rule_of_thumb": stats(rows, "rule_of_thumb_error_pct")},
                "rows": rows}

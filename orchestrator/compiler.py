@@ -88,7 +88,8 @@ def _path_for_output(path: str, portable: bool) -> str:
 
 
 def resolve_job(job: JobSpec, strategy: str, portable: bool) -> JobSpec:
-    """The job with a concrete strategy, {name} filled into output_dir and paths resolved."""
+    """The job with a concrete strategy, {name} filled into output_dir and paths resolved (its knobs
+    must be concrete already: planner.resolve)."""
     data = job.model_dump(mode="json")
     data["strategy"] = strategy
     conv = lambda p: _path_for_output(p, portable)  # noqa: E731
@@ -114,9 +115,11 @@ def check_batch(ds: dict, job: JobSpec) -> None:
 
 
 def build(job: JobSpec, out_dir, options: CompileOptions = CompileOptions()) -> Compiled:
-    """Resolve the strategy and render every output in memory. Raises CompileError / planner.NoFitError."""
-    strategy = planner.resolve_strategy(job)
-    resolved = resolve_job(job, strategy, options.portable)
+    """Resolve the strategy and the auto knobs, and render every output in memory (the compiled job and
+    the DeepSpeed JSON carry the concrete micro batch and checkpointing: the trainer never sees auto).
+    Raises CompileError / planner.NoFitError."""
+    strategy, concrete = planner.resolve(job)
+    resolved = resolve_job(concrete, strategy, options.portable)
     files = output_files(job, Path(out_dir))
     ds = build_ds_config(resolved, strategy, resolved.shape())
     check_batch(ds, resolved)

@@ -35,6 +35,9 @@ from orchestrator.spec import JobSpec
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "uint8": 1}
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+ZERO3_SUB_GROUP_ELEMENTS = 1_000_000_000
+"""DeepSpeed's sub_group_size default (orch does not set it): ZeRO-3 makes fp32 partitions and steps
+the optimizer one sub-group of at most this many elements at a time."""
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
     grads = t_shard * d
     master = t_shard * FP32 if mixed else 0
     moments = t_shard * FP32 * ADAM_STATES
-    step_elems = min(t_shard, 1_000_000_000) if sharded else t_shard
+    step_elems = min(t_shard, ZERO3_SUB_GROUP_ELEMENTS) if sharded else t_shard
     step_temp = step_elems * FP32 * (int(mixed) + cal.adam_temp_copies)
     if opt_dev != "none":
         host.update(master_weights=master, optimizer_states=moments, fp32_gradients=t_shard * FP32)
@@ -472,46 +475,135 @@ def zero3_live_param_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: 
 
 
 # ---------------------------------------------------------------------------
-# Load
+# Load: the model is built (modeling.load_model), then the engine is initialized
 
 
-def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStates, cal: Calibration = CALIBRATION) -> int:
-    """Peak allocated from model load through deepspeed.initialize.
+def whole_model_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> int:
+    """Bytes of the whole unsharded model with its LoRA adapters: model.dtype weights, packed 4-bit
+    weights and their quant constants, LoRA A/B in model.dtype."""
+    dense, packed, consts = base_weight_bytes(job, shape, storage_dtype)
+    return dense + packed + consts + param_counts(job, shape).lora * DTYPE_BYTES[job.model.dtype]
 
-    The trainer builds the model on each rank's GPU piece by piece; for qlora a
-    decoder layer exists in model.dtype until its linears are quantized
-    (cal.load_temp_layers layers). DeepSpeed init then adds the fp32 master
-    partition (Adam moments are created lazily at the first step), and:
-    stage 0 (DeepSpeed's unfused bf16 wrapper around torch AdamW) clones each
-    trainable param to fp32 and nothing else; stage 2 flattens via the CPU (no
-    GPU copy); stage 3 allocates its flat bf16 gradient partition.
 
-    ZeRO-3, lora/full: the trainer builds the model already partitioned
-    (deepspeed.zero.Init for random weights, HfDeepSpeedConfig for pretrained),
-    gathering one piece at a time to initialize/load it, so the load peak is the
-    sharded states plus the largest piece whole in model.dtype: one decoder layer
-    or the vocab x hidden embedding / lm_head.
-    ZeRO-3, qlora: 4-bit weights cannot be created inside zero.Init, so the whole
-    (4-bit) model sits on every rank until initialize partitions it.
+def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated while the trainer builds or loads the model, before the engine exists.
+
+    The model is materialized piece by piece in the order embedding, decoder layers, final norm,
+    lm_head (``modeling.build_random``). qlora quantizes each layer right after it is materialized;
+    ``_quantize_linears_`` holds every original linear of the layer until the layer is done, so the
+    whole layer in model.dtype (cal.load_temp_layers layers) sits on top of the quantized part
+    built so far, and the final norm and an untied lm_head come only after it. PEFT then adds
+    LoRA A/B directly in the compute dtype (peft moves adapters to the base layer's device and
+    compute dtype), so the last moment of the build holds the whole model with its adapters.
+
+    ZeRO-3, lora/full: built already partitioned (deepspeed.zero.Init for random weights,
+    HfDeepSpeedConfig for pretrained); each piece (a decoder layer, the embedding or lm_head) is
+    gathered whole to initialize/load it, on top of this rank's partitions. With parameter offload
+    the partitions live in host RAM and the gather first copies this rank's part of the piece to
+    the GPU (1/W of the piece), next to the gathered whole: measured on one H100, LoRA 8B,
+    zero3_offload_all: 2 x the embedding (2,101,347,840 B; 2 x 1,050,673,152 predicted).
     """
     stage = ZERO_STAGE[strategy]
     d = DTYPE_BYTES[job.model.dtype]
-    counts = param_counts(job, shape)
-    dense, packed, consts = base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
-    temp = 0
-    if job.method == "qlora":
-        temp = int(cal.load_temp_layers * shape.layer_linear_params() * d)
-    resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
-    master = states.gpu["master_weights"]
-    if stage in (0, 2):
-        return resident + temp + master
-    sharded = resident + master + states.gpu["gradients"]
-    if job.method != "qlora":
+    world = job.hardware.world_size
+    whole = whole_model_bytes(job, shape, job.quantization.storage_for(stage == 3))
+    if stage == 3 and job.method != "qlora":
+        _, param_dev = offload_devices(strategy)
         layer = shape.layer_linear_params() + shape.layer_other_params()
-        largest_piece = max(layer, shape.embedding_params(), shape.lm_head_params())
-        return sharded + largest_piece * d
-    full_model = dense + packed + consts + counts.lora * d + temp
-    return max(full_model, sharded)
+        piece = max(layer, shape.embedding_params(), shape.lm_head_params()) * d
+        if param_dev != "none":
+            return piece + -(-piece // world)
+        dense, packed, _ = base_weight_bytes(job, shape, job.quantization.storage_for(True))
+        return (dense + packed) // world + piece
+    if job.method != "qlora":
+        return whole
+    dense, packed, consts = base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
+    # While the last layer is quantized: everything but the final norm and an untied lm_head (its
+    # packed weights already counted), plus that layer in model.dtype.
+    before_head = dense + packed + consts - (shape.hidden_size + shape.lm_head_params()) * d
+    layer = int(cal.load_temp_layers * (shape.layer_linear_params() + shape.layer_other_params()) * d)
+    return max(before_head + layer, whole)
+
+
+def single_gpu_init_bytes(job: JobSpec, trainable: int, cal: Calibration = CALIBRATION) -> int:
+    """What the single-GPU engine allocates while it is initialized, on top of the built model.
+
+    The engine-specific part of the load peak for single_gpu (DeepSpeed stage 0 today). DeepSpeed
+    0.19.8 wraps torch AdamW in FP16_UnfusedOptimizer for bf16 and fp16 models (engine
+    ``_do_optimizer_sanity_check`` returns DDP_BFLOAT16 / FP16, and torch AdamW is no FusedAdam), and
+    its ``initialize_optimizer_states`` runs one optimizer step on zero gradients so that the Adam
+    moments exist from the start. During that step every trainable parameter has: its fp32 master
+    clone (4 B), a zero model.dtype gradient (d) and a zero fp32 gradient on the master (4), exp_avg
+    and exp_avg_sq (2 x 4) and torch's foreach AdamW temporary sqrt(v) + eps (cal.adam_temp_copies x
+    4); the two gradients are dropped after it. 24 B per trainable bf16 parameter with its own 2 B,
+    measured on one H100 to within 0.1 % for LoRA 8B and QLoRA 1B/8B/70B (r 8-64). fp32 models get
+    no wrapper (the engine steps torch AdamW itself, whose states appear lazily at the first step).
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    if job.model.dtype == "fp32":
+        return 0
+    return int(trainable * (FP32 + d + FP32 + ADAM_STATES * FP32 + cal.adam_temp_copies * FP32))
+
+
+def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStates,
+                           cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated during engine initialization (deepspeed.initialize), built model included.
+
+    * stage 0: the whole model + ``single_gpu_init_bytes``.
+    * stage 2 (``DeepSpeedZeroOptimizer``): the trainable params are copied into one flat buffer on
+      the GPU while the originals still exist (only when it fits there; else DeepSpeed flattens
+      through host memory); then the fp32 master partition (a model.dtype clone cast to fp32:
+      d + 4 B per element at once) and a zero fp32 gradient partition (4 B) are made. Adam moments
+      stay lazy here.
+    * stage 3 (``DeepSpeedZeroOptimizer_Stage3``): a qlora model arrives whole and is partitioned
+      param by param: each partition (1/W, on the host with param offload) is allocated before the
+      whole tensor is freed, at most the largest param (the embedding) on top of the whole model --
+      measured on one H100, QLoRA 8B zero3_offload_optimizer: 6,837,315,584 B. lora/full arrive
+      partitioned. Then, without optimizer offload: the fp32 master partition (converted and cloned:
+      2 x 4 B per element of one sub-group at once; none for fp32 models, whose partitions are their
+      own masters), the zero fp32 gradient of the largest sub-group, and finally the flat
+      model.dtype gradient partition and one reduce bucket (reduce_bucket_size elements). With
+      optimizer offload all of that is in host RAM and the GPU gets the reduce bucket only.
+    """
+    stage = ZERO_STAGE[strategy]
+    d = DTYPE_BYTES[job.model.dtype]
+    world = job.hardware.world_size
+    mixed = job.model.dtype != "fp32"
+    t = param_counts(job, shape).trainable
+    if stage == 0:
+        return whole_model_bytes(job, shape, job.quantization.storage_for(False)) + single_gpu_init_bytes(job, t, cal)
+    if stage == 2:
+        whole = whole_model_bytes(job, shape, job.quantization.storage_for(False))
+        flat = t * d if whole + t * d <= job.hardware.gpu_memory_bytes() else 0
+        t_shard = -(-t // world)
+        return whole + max(flat, t_shard * max(d + FP32, 2 * FP32))
+    opt_dev, param_dev = offload_devices(strategy)
+    resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
+    partitioning = 0
+    if job.method == "qlora":
+        storage = job.quantization.storage_for(True)
+        largest = max(shape.embedding_params() * d, packed_4bit_bytes(param_counts(job, shape).largest_linear, storage))
+        on_gpu = 0 if param_dev != "none" else -(-largest // world)
+        partitioning = whole_model_bytes(job, shape, storage) + on_gpu
+    bucket = build_ds_config(job, strategy, shape)["zero_optimization"]["reduce_bucket_size"] * d
+    if opt_dev != "none":
+        return max(partitioning, resident + bucket)
+    t_shard = -(-t // world)
+    sub = min(t_shard, ZERO3_SUB_GROUP_ELEMENTS)
+    master = t_shard * FP32 if mixed else 0
+    # fp32 conversion temporary of one sub-group, then the fp32 gradient of the largest sub-group
+    # (both FP32 x sub), then the model.dtype gradient partition and the reduce bucket
+    optimizer = master + max(FP32 * sub, t_shard * d + bucket)
+    return max(partitioning, resident + optimizer)
+
+
+def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStates, cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated from model load through engine init (what the trainer records as
+    ``RankMemory.load_peak_allocated`` right after deepspeed.initialize): the larger of the build
+    peak and the engine-init peak. No fixed term: nothing runs a matmul before the first step, so
+    cuBLAS workspaces and inputs are not there yet (measured load peaks of stage 0 runs equal
+    model + 24 B per trainable param to within 0.2 MB on 8B)."""
+    return max(build_peak_bytes(job, strategy, shape, cal), engine_init_peak_bytes(job, strategy, shape, states, cal))
 
 
 # ---------------------------------------------------------------------------
@@ -536,7 +628,7 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
     if opt_dev == "nvme":
         nvme += per_rank.pop("master_weights", 0) + per_rank.pop("optimizer_states", 0)
         # swap buffers: buffer_count sub-groups of fp32 params + states in flight
-        sub = min(param_counts(job, shape).trainable // job.hardware.world_size + 1, 1_000_000_000)
+        sub = min(param_counts(job, shape).trainable // job.hardware.world_size + 1, ZERO3_SUB_GROUP_ELEMENTS)
         per_rank["nvme_swap_buffers"] = zero["offload_optimizer"]["buffer_count"] * sub * FP32
     if param_dev == "nvme":
         nvme += per_rank.pop("offloaded_params", 0)
@@ -581,7 +673,7 @@ def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape:
     breakdown = {k: int({**resident, **transient}.get(k, 0)) for k in COMPONENTS}
     peak = sum(breakdown.values())
 
-    load = load_peak_bytes(job, strategy, shape, states, cal) + cal.fixed_allocated_bytes
+    load = load_peak_bytes(job, strategy, shape, states, cal)
     context = cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
     total = int(max(peak, load) * (1 + cal.allocator_slack)) + context
     cpu, nvme = host_bytes(job, strategy, shape, states, cal)

@@ -41,14 +41,61 @@ LABELS = {
 
 @dataclass(frozen=True)
 class SpeedModel:
-    """Constants of the relative speed model (only the ranking matters, not absolute numbers)."""
+    """Every constant of the speed model, in one place (``python benchmarks/speed_fit.py`` re-fits them).
 
-    mfu: float = 0.21
-    """Achieved fraction of the GPU's dense bf16 peak (by this model's FLOP count). Measured with orch's
-    trainer on one H100, single_gpu, seq 2048: 0.19-0.24 for QLoRA/LoRA 8B and full 1B
-    (benchmarks/results/device/h100-call3 and h100-call4, 2026-11-23)."""
-    qlora_compute_factor: float = 1.25
-    """Extra compute time of 4-bit layers (dequantize before every matmul, forward and backward)."""
+    One micro step on one GPU (``micro_step_seconds``) is matmul FLOPs at ``peak_mfu`` (weights)
+    or ``attention_mfu`` (attention) of the GPU's dense bf16 peak, plus memory traffic at
+    ``hbm_bytes_per_s`` (activations, and for qlora the dequantization of every 4-bit weight in
+    every pass), plus a fixed launch overhead per decoder layer per pass. The fixed part does not
+    shrink with the micro batch -- the GPU waits for Python and kernel launches, and bitsandbytes
+    dequantizes each weight once per pass whatever the batch -- so small micro batches lose, and
+    the achieved MFU rises with the micro batch towards its ceiling. Checkpointing adds a forward
+    (FLOPs, traffic, a pass of overhead, a dequantization) and saves memory. The micro-batch and
+    checkpointing search (``plan``) ranks its combinations by this model.
+
+    Fitted: attention_mfu and seconds_per_layer_pass, least squares on relative step time, on
+    the steady-state runs of benchmarks/results/throughput.json (QLoRA 8B micro batch 1 and 4,
+    LoRA 8B micro batch 1, seq 2048, checkpointing) and the five "calibration" rows of the
+    memory-accuracy runs (benchmarks/results/device/h100-call{1,2,3}: QLoRA 1B micro batch 4,
+    QLoRA 8B seq 2048 and seq 4096 without checkpointing, QLoRA 70B seq 1024, LoRA 8B micro
+    batch 2): median |error| 8.9 %, worst 35 % (QLoRA 1B, measured slower than predicted).
+    Checked on runs it was not fitted on: the seven "held_out" memory-accuracy rows (QLoRA 8B
+    micro batch 8 seq 512 and micro batch 2 seq 8192, 13B, 70B micro batch 2, Qwen2.5 7B,
+    eager attention, LoRA 1B) and benchmarks/results/device/h100-call4 (single_gpu and ZeRO-3
+    offload, QLoRA and LoRA 8B): median 11.6 %, worst 38 % (the eager row: its attention is not
+    sdpa's kernel). QLoRA 8B micro batch 4 over micro batch 1 (one run): 2.00x predicted, 1.79x
+    measured. The same QLoRA 8B micro batch 1 job measured 2,716-3,404 tok/s and LoRA 8B micro
+    batch 1 3,476-4,501 in different runs, so 15-25 % is run-to-run noise on that machine.
+    Every run so far has gradient accumulation 1, so the per-step cost (seconds_per_step) cannot
+    be told from the per-micro-step one yet and is 0; a micro batch x checkpointing grid at a
+    fixed global batch separates them (``--fields attention_mfu,seconds_per_layer_pass,seconds_per_step``).
+    After the trainer changes (torch.compile, no engine on one GPU, flex attention), re-run the
+    same command on new measurements.
+    """
+
+    peak_mfu: float = 0.7
+    """Fraction of the dense bf16 peak the weight matmuls reach when launch overhead is amortized.
+    Not fitted: cuBLAS reaches about 0.65-0.75 on H100 at these shapes, and the runs so far fit
+    equally well with any value from 0.5 to 0.8 (the other terms absorb it)."""
+    attention_mfu: float = 0.227
+    """Fraction of the dense bf16 peak the attention kernels reach (fitted): packed rows give sdpa a
+    block mask, which moves it from the flash kernel to the slower memory-efficient one."""
+    seconds_per_step: float = 0.0
+    """Fixed cost per optimizer step: the engine's step, gradient clipping and the optimizer over
+    every trainable tensor. 0 until a run with gradient accumulation > 1 tells it apart from the
+    per-micro-step overhead (see above); it never changes the knob ranking at a fixed global batch."""
+    seconds_per_layer_pass: float = 0.00312
+    """Fixed cost per decoder layer per pass unit (forward 1, recompute 1, backward 2: backward
+    launches grad-input and grad-weight kernels): Python, autograd and kernel launches of the
+    layer's norms, attention, MLP and LoRA modules, which do not grow with the micro batch (fitted)."""
+    hbm_bytes_per_s: float = 2.5e12
+    """Achieved GPU memory bandwidth of elementwise and dequantize kernels (H100 SXM HBM3: 3.35 TB/s
+    peak, about 75 %). One value for every GPU: only its ratio to the FLOP time matters for ranking."""
+    activation_moves: float = 4.0
+    """Times each byte a layer saves for backward crosses HBM: written in forward, read in backward,
+    and its gradient written and read once; checkpointing writes it once more in the recompute."""
+    dequant_bytes_per_param: float = 2.5
+    """bitsandbytes dequantizes a 4-bit weight per matmul: reads 0.5 B packed, writes 2 B bf16."""
     intra_node_bytes_per_s: float = 150e9
     """Effective per-GPU collective bandwidth over NVLink (H100 NVLink4 ~ 450 GB/s peak, ~1/3 achieved in NCCL rings)."""
     inter_node_bytes_per_s: float = 20e9
@@ -90,6 +137,10 @@ class Candidate:
     """Predicted training throughput of the whole job (speed model), for ranking."""
     reason: str
     """One line: why it fits or does not."""
+    micro_batch_size: int
+    """The micro batch it was evaluated with: the spec's, or the planner's pick when the spec says auto."""
+    gradient_checkpointing: bool
+    """Checkpointing it was evaluated with: the spec's, or the planner's pick when the spec says auto."""
 
 
 @dataclass
@@ -99,12 +150,16 @@ class Plan:
     chosen: Optional[str]
     """The strategy to use, or None when nothing fits."""
     candidates: list[Candidate] = field(default_factory=list)
-    """Every valid strategy, in STRATEGIES order."""
+    """Every valid strategy, in STRATEGIES order, each with its best knobs (the fastest that fit,
+    else the ones needing the least GPU memory)."""
     reason: str = ""
     """One sentence: why this strategy (or why none)."""
     suggestion: str = ""
     """When nothing fits: the cheapest change that makes something fit; when something does and fewer
     nodes would do, that hint."""
+    runner_up: Optional[Candidate] = None
+    """The fastest fitting combination of another strategy or checkpointing setting than the chosen
+    one (None when there is none): what the choice won against."""
 
 
 # ---------------------------------------------------------------------------
@@ -140,26 +195,54 @@ def valid_strategies(job: JobSpec) -> list[str]:
 # Speed model
 
 
+def micro_step_seconds(job: JobSpec, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
+    """Predicted seconds of one forward + backward of one micro batch on one GPU (no communication).
+
+    FLOPs per token, by matmul: forward 2 per weight (decoder linears, LoRA A/B, LM head) and
+    4 x layers x seq x heads*head_dim for the attention scores and weighted sum (the full square:
+    packed rows carry a block mask, no causal skipping); backward computes input gradients (as
+    much again, attention twice) and weight gradients of trained weights only (2 each); the
+    checkpointing recompute repeats the decoder forward, and the chunked loss always recomputes
+    the LM head. Weight FLOPs run at peak_mfu, attention FLOPs at attention_mfu. Memory traffic: each layer's saved activations cross HBM activation_moves times
+    (+1 with checkpointing), and qlora dequantizes every 4-bit weight in each pass. Fixed: a
+    launch overhead per layer per pass unit.
+    """
+    t, data = job.training, job.data
+    ckpt = bool(t.gradient_checkpointing)
+    tokens = t.micro_batch_size * data.seq_len
+    layers = shape.num_hidden_layers
+    counts = memory.param_counts(job, shape)
+    head = shape.vocab_size * shape.hidden_size
+    attn = 4 * layers * data.seq_len * shape.q_dim
+    weights_fwd = 2 * counts.linear + 2 * counts.lora
+    weights = weights_fwd + 2 * head + 2 * counts.linear + 2 * head + 4 * counts.lora  # forward + backward
+    if job.method == "full":
+        weights += 2 * counts.linear + 2 * head
+    weights += (weights_fwd if ckpt else 0) + (2 * head if t.loss_chunk_tokens else 0)
+    attention = attn + 2 * attn + (attn if ckpt else 0)
+    peak = job.hardware.gpu_tflops() * 1e12
+    seconds = tokens * (weights / (peak * speed.peak_mfu) + attention / (peak * speed.attention_mfu))
+    saved = memory.layer_activation_bytes(job, shape, tokens, data.seq_len) * layers
+    traffic = saved * (speed.activation_moves + (1 if ckpt else 0))
+    if job.method == "qlora":
+        _, packed, _ = memory.base_weight_bytes(job, shape, "uint8")  # 2 params per byte
+        traffic += (3 if ckpt else 2) * 2 * packed * speed.dequant_bytes_per_param
+    seconds += traffic / speed.hbm_bytes_per_s
+    return seconds + (4 if ckpt else 3) * layers * speed.seconds_per_layer_pass
+
+
 def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
-    """Predicted seconds per optimizer step: compute + exposed communication + offload traffic."""
+    """Predicted seconds per optimizer step: micro steps + exposed communication + offload traffic."""
     hw, t = job.hardware, job.training
     world = hw.world_size
     d = memory.DTYPE_BYTES[job.model.dtype]
     counts = memory.param_counts(job, shape)
-    n = counts.total
-    tokens_per_gpu = t.global_batch_size * job.data.seq_len / world
-    # Forward 2N flops/token; backward 2N for input grads + 2N for weight grads of trained weights;
-    # checkpointing repeats the forward. Attention scores: 4*L*seq*q per token forward.
-    attn = 4 * shape.num_hidden_layers * job.data.seq_len * shape.q_dim
-    fwd = 2 * n + attn
-    bwd = 2 * n + 2 * attn + 2 * counts.trainable
-    flops = fwd + bwd + (fwd if t.gradient_checkpointing else 0)
-    compute = flops * tokens_per_gpu / (hw.gpu_tflops() * 1e12 * speed.mfu)
-    if job.method == "qlora":
-        compute *= speed.qlora_compute_factor
+    # = grad_accum() for a valid job; a fraction for the hardware variants suggest() explores
+    # (more GPUs than the global batch has sequences), where an integer would make the step free
+    micro_steps = t.global_batch_size / (t.micro_batch_size * world)
+    compute = micro_steps * micro_step_seconds(job, shape, speed) + speed.seconds_per_step
 
     stage = ZERO_STAGE[strategy]
-    micro_steps = job.grad_accum()
     ring = (world - 1) / world if world > 1 else 0.0
     bw = speed.inter_node_bytes_per_s if hw.nodes > 1 else speed.intra_node_bytes_per_s
     dense, packed, _ = memory.base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
@@ -213,6 +296,7 @@ def _gib(n: float) -> str:
 
 
 def evaluate(job: JobSpec, strategy: str, shape: ModelShape) -> Candidate:
+    """One strategy with the job's knobs, which must be concrete (no auto: see with_knobs)."""
     est = memory.estimate(job, strategy, shape=shape)
     gpu_ok = est.total <= gpu_budget(job)
     host_ok = est.cpu_bytes <= host_budget(job)
@@ -223,11 +307,67 @@ def evaluate(job: JobSpec, strategy: str, shape: ModelShape) -> Candidate:
         reason = f"needs {_gib(est.cpu_bytes)} host RAM per node, over the {_gib(host_budget(job))} usable"
     else:
         reason = f"fits: {_gib(est.total)} of {_gib(gpu_budget(job))} per GPU"
-    return Candidate(strategy, est, gpu_ok and host_ok, tokens_per_second(job, strategy, shape), reason)
+    t = job.training
+    return Candidate(strategy, est, gpu_ok and host_ok, tokens_per_second(job, strategy, shape), reason,
+                     t.micro_batch_size, t.gradient_checkpointing)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Knobs: micro batch and checkpointing, searched with the strategy where the spec says auto
+
+
+def micro_batch_choices(job: JobSpec) -> list[int]:
+    """The micro batches to try, smallest first: the spec's, or for auto every divisor m of the global
+    batch with m x GPUs dividing it (the global batch stays, the accumulation is derived)."""
+    t, world = job.training, job.hardware.world_size
+    if t.micro_batch_size != "auto":
+        return [t.micro_batch_size]
+    return [m for m in range(1, t.global_batch_size // world + 1) if t.global_batch_size % (m * world) == 0]
+
+
+def checkpointing_choices(job: JobSpec) -> list[bool]:
+    """The spec's checkpointing, or both settings for auto (off first: faster when it fits)."""
+    ckpt = job.training.gradient_checkpointing
+    return [False, True] if ckpt == "auto" else [ckpt]  # type: ignore[list-item]
+
+
+def with_knobs(job: JobSpec, micro_batch_size: int, gradient_checkpointing: bool) -> JobSpec:
+    """``job`` with concrete knob values (no re-validation: the values come from the choices above)."""
+    knobs = {"micro_batch_size": micro_batch_size, "gradient_checkpointing": gradient_checkpointing}
+    return job.model_copy(update={"training": job.training.model_copy(update=knobs)})
+
+
+def most_frugal(job: JobSpec) -> JobSpec:
+    """``job`` with its auto knobs at the least memory they allow: micro batch 1 (or the smallest
+    allowed), checkpointing on. For the no-fit search, which then changes the other levers."""
+    micros = micro_batch_choices(job) or [1]
+    return with_knobs(job, micros[0], checkpointing_choices(job)[-1])
+
+
+def _search(job: JobSpec, strategy: str, shape: ModelShape) -> list[Candidate]:
+    """One strategy with every knob combination worth evaluating.
+
+    Per checkpointing setting the micro batches go up until one does not fit: memory only grows
+    with the micro batch (and speed with it, at a fixed global batch), so larger ones cannot fit.
+    """
+    out = []
+    for ckpt in checkpointing_choices(job):
+        for micro in micro_batch_choices(job):
+            cand = evaluate(with_knobs(job, micro, ckpt), strategy, shape)
+            out.append(cand)
+            if not cand.fits:
+                break
+    return out
+
+
+def _pick(cands: list[Candidate]) -> Candidate:
+    """The fastest that fits, else the one needing the least GPU memory (the closest to fitting)."""
+    return _best(cands) or min(cands, key=lambda c: (c.estimate.total, -c.tokens_per_s))
 
 
 def _candidates(job: JobSpec, shape: ModelShape) -> list[Candidate]:
-    return [evaluate(job, s, shape) for s in valid_strategies(job)]
+    """Every valid strategy with its best knobs."""
+    return [_pick(found) for found in (_search(job, s, shape) for s in valid_strategies(job)) if found]
 
 
 def _best(cands: list[Candidate]) -> Optional[Candidate]:
@@ -235,22 +375,37 @@ def _best(cands: list[Candidate]) -> Optional[Candidate]:
     return max(fitting, key=lambda c: c.tokens_per_s) if fitting else None
 
 
+def _runner_up(chosen: Candidate, searched: list[Candidate]) -> Optional[Candidate]:
+    """The fastest fitting candidate with another strategy or checkpointing setting than ``chosen``;
+    when there is none, the fastest other fitting micro batch of the same (a neighbour is the
+    least informative alternative, so it comes last)."""
+    group = (chosen.strategy, chosen.gradient_checkpointing)
+    return (_best([c for c in searched if (c.strategy, c.gradient_checkpointing) != group])
+            or _best([c for c in searched if c is not chosen]))
+
+
 def plan(job: JobSpec) -> Plan:
-    """Evaluate every valid strategy and choose (job.strategy if forced, else the fastest that fits)."""
+    """Evaluate every valid strategy, each with its best knobs where the spec says auto, and choose
+    (job.strategy if forced, else the fastest that fits)."""
     shape = job.shape()
-    cands = _candidates(job, shape)
+    searched = {s: _search(job, s, shape) for s in valid_strategies(job)}
+    if job.strategy != "auto" and job.strategy not in searched:
+        searched[job.strategy] = _search(job, job.strategy, shape)
+    searched = {s: found for s, found in searched.items() if found}
+    everything = [c for found in searched.values() for c in found]
+    cands = [_pick(found) for found in searched.values()]
     if job.strategy != "auto":
         forced = next((c for c in cands if c.strategy == job.strategy), None)
-        if forced is None:
-            forced = evaluate(job, job.strategy, shape)
-            cands.append(forced)
-        if forced.fits:
-            return Plan(job.strategy, cands, f"{job.strategy} was set in the spec and fits ({forced.reason.removeprefix('fits: ')}).")
-        return Plan(None, cands, f"{job.strategy} was set in the spec but {forced.reason}.", suggest(job, shape))
+        if forced is not None and forced.fits:
+            return Plan(job.strategy, cands, f"{job.strategy} was set in the spec and fits "
+                        f"({forced.reason.removeprefix('fits: ')}).",
+                        runner_up=_runner_up(forced, [c for c in everything if c.strategy == job.strategy]))
+        why = forced.reason if forced is not None else "leaves no micro batch that divides the global batch"
+        return Plan(None, cands, f"{job.strategy} was set in the spec but {why}.", suggest(most_frugal(job), shape))
     best = _best(cands)
     if best is None:
         return Plan(None, cands, "No strategy fits: " + "; ".join(f"{c.strategy} {c.reason}" for c in cands[:2]) + ".",
-                    suggest(job, shape))
+                    suggest(most_frugal(job), shape))
     others = [c for c in cands if c is not best]
     faster = [c for c in others if c.tokens_per_s > best.tokens_per_s]
     if faster:
@@ -260,7 +415,7 @@ def plan(job: JobSpec) -> Plan:
     else:
         why = f"{best.strategy} is the fastest valid strategy and fits ({best.estimate.total / GIB:.1f} of " \
               f"{gpu_budget(job) / GIB:.1f} GiB per GPU)."
-    return Plan(best.strategy, cands, why, fewer_nodes_hint(job, shape))
+    return Plan(best.strategy, cands, why, fewer_nodes_hint(job, shape), _runner_up(best, everything))
 
 
 def fewer_nodes_hint(job: JobSpec, shape: ModelShape) -> str:
@@ -286,11 +441,11 @@ def _changed(job: JobSpec, overrides: list[str]) -> Optional[JobSpec]:
 
 
 def _fit(job: JobSpec, shape: ModelShape) -> Optional[Candidate]:
-    """What `orch plan` would choose for ``job`` (its forced strategy, or the fastest that fits), or None."""
+    """What `orch plan` would choose for ``job`` (its forced strategy, or the fastest that fits, each
+    with its best knobs where the spec says auto), or None."""
     if job.strategy == "auto":
         return _best(_candidates(job, shape))
-    forced = evaluate(job, job.strategy, shape)
-    return forced if forced.fits else None
+    return _best(_search(job, job.strategy, shape))
 
 
 def _levers(job: JobSpec) -> list[list[str]]:
@@ -383,14 +538,23 @@ def suggest(job: JobSpec, shape: ModelShape) -> str:
             f"global batch or a smaller model")
 
 
-def resolve_strategy(job: JobSpec) -> str:
-    """job.strategy if set, else the planner's choice. Raises NoFitError when auto finds nothing."""
-    if job.strategy != "auto":
-        return job.strategy
+def resolve(job: JobSpec) -> tuple[str, JobSpec]:
+    """The strategy to run and ``job`` with every auto knob replaced by the planner's choice.
+
+    A forced strategy is returned as is, fitting or not (compile and the trainer do not
+    second-guess it); its auto knobs are the fastest that fit it, else the most frugal ones.
+    Raises NoFitError when strategy auto finds nothing that fits.
+    """
+    if job.strategy != "auto" and job.knobs_resolved():
+        return job.strategy, job
     result = plan(job)
-    if result.chosen is None:
+    if result.chosen is None and job.strategy == "auto":
         raise NoFitError(f"{result.reason} {result.suggestion}".strip())
-    return result.chosen
+    strategy = result.chosen or job.strategy
+    picked = next((c for c in result.candidates if c.strategy == strategy), None)
+    if picked is None:
+        return strategy, most_frugal(job)
+    return strategy, with_knobs(job, picked.micro_batch_size, picked.gradient_checkpointing)
 
 
 # ---------------------------------------------------------------------------
@@ -401,31 +565,40 @@ def _r(n: int) -> float:
     return round(n / GIB, 3)
 
 
+def _candidate_json(c: Candidate) -> dict:
+    return {
+        "strategy": c.strategy,
+        "micro_batch_size": c.micro_batch_size,
+        "gradient_checkpointing": c.gradient_checkpointing,
+        "fits": c.fits,
+        "gpu_gib": _r(c.estimate.peak_allocated),
+        "gpu_total_gib": _r(c.estimate.total),
+        "load_gib": _r(c.estimate.load_peak),
+        "cpu_gib": _r(c.estimate.cpu_bytes),
+        "nvme_gib": _r(c.estimate.nvme_bytes),
+        "tokens_per_s": round(c.tokens_per_s, 1),
+        "phase": c.estimate.phase,
+        "breakdown": {k: _r(v) for k, v in c.estimate.breakdown.items()},
+        "reason": c.reason,
+    }
+
+
 def plan_json(job: JobSpec, result: Plan) -> dict:
-    """The plan as one JSON-able dict (GiB floats; per-GPU unless named per node)."""
+    """The plan as one JSON-able dict (GiB floats; per-GPU unless named per node). Each candidate
+    carries the knobs it was evaluated with; ``runner_up`` is what the choice won against."""
     return {
         "job": job.name,
         "chosen": result.chosen,
         "reason": result.reason,
         "suggestion": result.suggestion or None,
         "gpu_budget_gib": _r(gpu_budget(job)),
-        "candidates": [
-            {
-                "strategy": c.strategy,
-                "fits": c.fits,
-                "gpu_gib": _r(c.estimate.peak_allocated),
-                "gpu_total_gib": _r(c.estimate.total),
-                "load_gib": _r(c.estimate.load_peak),
-                "cpu_gib": _r(c.estimate.cpu_bytes),
-                "nvme_gib": _r(c.estimate.nvme_bytes),
-                "tokens_per_s": round(c.tokens_per_s, 1),
-                "phase": c.estimate.phase,
-                "breakdown": {k: _r(v) for k, v in c.estimate.breakdown.items()},
-                "reason": c.reason,
-            }
-            for c in result.candidates
-        ],
+        "candidates": [_candidate_json(c) for c in result.candidates],
+        "runner_up": _candidate_json(result.runner_up) if result.runner_up else None,
     }
+
+
+def _knobs_text(micro_batch_size: int, gradient_checkpointing: bool) -> str:
+    return f"micro batch {micro_batch_size}, checkpointing {'on' if gradient_checkpointing else 'off'}"
 
 
 def render_table(job: JobSpec, result: Plan) -> str:
@@ -434,11 +607,14 @@ def render_table(job: JobSpec, result: Plan) -> str:
     hw = job.hardware
     width = 11
     gpu = "GPU" if hw.gpu_memory_gb is not None else hw.gpu
+    t = job.training
+    ckpt = t.gradient_checkpointing if t.gradient_checkpointing == "auto" else ("on" if t.gradient_checkpointing else "off")
     lines = [
         f"{job.name}: {job.method}, {job.model.name}, {hw.nodes} node(s) x {hw.gpus_per_node} {gpu} "
         f"({hw.gpu_memory_bytes() / GIB:.1f} GiB, {gpu_budget(job) / GIB:.1f} usable)",
-        f"micro batch {job.training.micro_batch_size} x {job.data.seq_len} tokens, checkpointing "
-        f"{'on' if job.training.gradient_checkpointing else 'off'}, loss chunk {job.training.loss_chunk_tokens or 'off'}",
+        f"micro batch {t.micro_batch_size} x {job.data.seq_len} tokens"
+        + (f" (global batch {t.global_batch_size})" if t.micro_batch_size == "auto" else "")
+        + f", checkpointing {ckpt}, loss chunk {t.loss_chunk_tokens or 'off'}",
         "",
     ]
 
@@ -446,6 +622,9 @@ def render_table(job: JobSpec, result: Plan) -> str:
         return f"{label:<20}" + "".join(f"{c:>{width}}" for c in cells)
 
     lines.append(row("GiB per GPU", [("*" if c.strategy == result.chosen else "") + LABELS[c.strategy] for c in cands]))
+    if not job.knobs_resolved():  # each strategy with its own best knobs
+        lines.append(row("micro batch", [str(c.micro_batch_size) for c in cands]))
+        lines.append(row("checkpointing", ["on" if c.gradient_checkpointing else "off" for c in cands]))
     for comp in memory.COMPONENTS:
         values = [c.estimate.breakdown.get(comp, 0) for c in cands]
         if any(v >= GIB // 20 for v in values):
@@ -461,6 +640,17 @@ def render_table(job: JobSpec, result: Plan) -> str:
     lines.append("")
     if result.chosen:
         lines.append(textwrap.fill(f"chosen: {result.chosen} (*). {result.reason}", 100, subsequent_indent="  "))
+        chosen = next(c for c in cands if c.strategy == result.chosen)
+        if not job.knobs_resolved():
+            lines.append(f"knobs: {_knobs_text(chosen.micro_batch_size, chosen.gradient_checkpointing)} "
+                         f"(accumulation {t.global_batch_size // (chosen.micro_batch_size * hw.world_size)}): "
+                         f"{chosen.tokens_per_s:,.0f} tok/s predicted, {chosen.estimate.total / GIB:.1f} GiB")
+        r = result.runner_up
+        if r is not None:
+            lines.append(textwrap.fill(
+                f"runner-up: {r.strategy}, {_knobs_text(r.micro_batch_size, r.gradient_checkpointing)}: "
+                f"{r.tokens_per_s:,.0f} tok/s predicted ({r.tokens_per_s / chosen.tokens_per_s:.2f}x), "
+                f"{r.estimate.total / GIB:.1f} GiB", 100, subsequent_indent="  "))
         if result.suggestion:
             lines.append(textwrap.fill(f"note: {result.suggestion}", 100, subsequent_indent="  "))
     else:

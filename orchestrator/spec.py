@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from orchestrator import catalog, datacheck
 
@@ -176,13 +176,19 @@ class DataSpec(_Section):
 
 
 class TrainingSpec(_Section):
-    micro_batch_size: int = Field(1, ge=1, le=65536, description="Sequences per GPU per forward pass.")
+    micro_batch_size: Union[
+        Literal["auto"], Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65536})]
+    ] = Field(
+        1, description="Sequences per GPU per forward pass. 'auto': the planner picks the fastest that fits, among the "
+        "divisors of global_batch_size / GPUs (the global batch stays as given).")
     global_batch_size: int = Field(
         8, ge=1, le=16_777_216,
         description="Sequences per optimizer step over all GPUs. Must be a multiple of micro_batch_size x GPUs; "
         "the quotient is the gradient accumulation.",
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: much less memory, ~30% more compute.")
+    gradient_checkpointing: Union[Literal["auto"], bool] = Field(
+        True, description="Recompute activations in the backward pass: much less memory, ~30% more compute. 'auto': "
+        "the planner decides, with the micro batch, by predicted speed under the memory limit.")
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, le=MAX_COUNT, description="Linear warmup steps.")
@@ -198,6 +204,16 @@ class TrainingSpec(_Section):
     )
     save_every: int = Field(0, ge=0, le=MAX_COUNT, description="Checkpoint every N optimizer steps (0: only at the end).")
     output_dir: str = Field("runs/{name}", description="Where checkpoints, adapters and metrics go; {name} is the job name made safe for paths.")
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _micro(cls, v: Union[str, int]) -> Union[str, int]:
+        # bounds here, not in the type: inside the union pydantic would report each branch separately
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        if isinstance(v, int) and v > 65536:
+            raise ValueError("must be <= 65536")
+        return v
 
     @field_validator("output_dir")
     @classmethod
@@ -441,11 +457,16 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _cross(self) -> "JobSpec":
         world = self.hardware.world_size
-        per_step = self.training.micro_batch_size * world
-        if self.training.global_batch_size % per_step:
+        micro = self.training.micro_batch_size
+        if micro == "auto" and self.training.global_batch_size % world:
+            # auto chooses among the divisors of global / GPUs: there must be one (micro batch 1 at least)
+            raise ValueError(
+                f"training.global_batch_size: {self.training.global_batch_size} must be a multiple of the "
+                f"{world} GPUs for micro_batch_size auto to have a choice")
+        if micro != "auto" and self.training.global_batch_size % (micro * world):
             raise ValueError(
                 f"training.global_batch_size: {self.training.global_batch_size} must be a multiple of "
-                f"micro_batch_size x GPUs = {self.training.micro_batch_size} x {world} = {per_step}"
+                f"micro_batch_size x GPUs = {micro} x {world} = {micro * world}"
             )
         if self.strategy == "single_gpu" and world != 1:
             raise ValueError(f"strategy: single_gpu needs exactly 1 GPU, but hardware gives {world}")
@@ -473,7 +494,13 @@ class JobSpec(_Section):
         """The name made safe for file names: no separators, no leading dot."""
         return safe_name(self.name)
 
+    def knobs_resolved(self) -> bool:
+        """True when no speed knob is 'auto' (the planner resolves them: planner.resolve)."""
+        return "auto" not in (self.training.micro_batch_size, self.training.gradient_checkpointing)
+
     def grad_accum(self) -> int:
+        if self.training.micro_batch_size == "auto":
+            raise ValueError("grad_accum of a job whose micro_batch_size is still auto: resolve it first (planner.resolve)")
         return self.training.global_batch_size // (self.training.micro_batch_size * self.hardware.world_size)
 
     def output_dir(self) -> Path:

@@ -638,11 +638,12 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
         print(f"orch: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
     strategy = job.strategy
-    if strategy == "auto":
+    if strategy == "auto" or not job.knobs_resolved():
+        # `orch train JOB` on a spec: choose like `orch compile` does (a compiled job has no auto left)
         from orchestrator import planner
 
         try:
-            strategy = planner.resolve_strategy(job)
+            strategy, job = planner.resolve(job)
         except planner.NoFitError as exc:
             print(f"orch: error: {exc}", file=sys.stderr)
             return 3

@@ -157,7 +157,9 @@ def test_schema_is_json_schema_with_descriptions(printed_schema: dict) -> None:
     assert printed_schema["type"] == "object" and printed_schema["additionalProperties"] is False
     training = _resolve(printed_schema["properties"]["training"], printed_schema)
     assert "Sequences per GPU per forward pass" in training["properties"]["micro_batch_size"]["description"]
-    assert training["properties"]["micro_batch_size"]["minimum"] == 1
+    micro = training["properties"]["micro_batch_size"]["anyOf"]
+    assert {"const": "auto", "type": "string"} in micro  # the planner chooses (planner.plan)
+    assert {"type": "integer", "minimum": 1, "maximum": 65536} in micro
     strategy = printed_schema["properties"]["strategy"]
     assert set(strategy["enum"]) == {"auto", *spec.STRATEGIES}
 
@@ -176,6 +178,8 @@ def test_schema_checker_rejects_what_the_spec_rejects(printed_schema: dict) -> N
     raw = yaml.safe_load(BASE)
     for mutate, where in [
         (lambda d: d["training"].update(micro_batch_size=0), ".training.micro_batch_size"),
+        (lambda d: d["training"].update(micro_batch_size="autox"), ".training.micro_batch_size"),
+        (lambda d: d["training"].update(gradient_checkpointing="on"), ".training.gradient_checkpointing"),
         (lambda d: d["training"].update(warmup_step=3), ".training.warmup_step"),
         (lambda d: d.update(strategy="zero4"), ".strategy"),
         (lambda d: d["data"].update(paths=[]), ".data.paths"),

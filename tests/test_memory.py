@@ -192,8 +192,10 @@ def test_estimate_whole_tiny_qlora():
     assert e.breakdown["logits_loss"] == 1572864
     assert e.peak_allocated == 494584 + 3282944
     assert sum(e.breakdown.values()) == e.peak_allocated
-    # load: resident weights 131712+46080+16784+37376 + one bf16 layer 46080*2 + fp32 master 74752 + fixed 1000
-    assert e.load_peak == 231952 + 92160 + 74752 + 1000
+    # load: DeepSpeed's stage-0 bf16 wrapper steps once at init (memory.single_gpu_init_bytes): whole model
+    # 131712+46080+16784+37376 = 231952, plus per LoRA param fp32 master 4 + bf16 grad 2 + fp32 grad 4
+    # + Adam moments 8 + foreach temp 4 = 22 B: 18688*22 = 411136 (no fixed term at load)
+    assert e.load_peak == 231952 + 411136
     # total: max(peak, load) * 1.1 + context 500 (one GPU: no NCCL)
     assert e.total == int(e.peak_allocated * 1.1) + 500
     assert e.cpu_bytes == 7000 and e.nvme_bytes == 0
@@ -300,24 +302,69 @@ def test_70b_qlora_weights_about_37_gb():
     assert 39e9 < four_bit + e.breakdown["weights"] < 40e9
 
 
-def test_zero3_load_peak_sharded_plus_one_piece():
-    # ZeRO-3 lora/full: the model is built partitioned (zero.Init / HfDeepSpeedConfig), one piece
-    # gathered at a time. Largest tiny piece: a decoder layer = linears 46080 + 2 norms 2*64 = 46208
-    # elements (> embedding 512*64 = 32768 = lm_head), bf16 -> 46208*2 = 92416 bytes on top of the
-    # sharded states.
-    for method in ("full", "lora"):
-        j = job(f"method={method}", "hardware.gpus_per_node=2")
-        s = memory.model_states(j, "zero3", TINY, CAL)
-        sharded = sum(s.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights",
-                                         "master_weights", "gradients"))
-        assert memory.load_peak_bytes(j, "zero3", TINY, s, CAL) == sharded + 92416
-        # the dense weights are sharded: 2 GPUs hold half of bf16 157952 elements (full: 315904 bytes)
-        if method == "full":
-            assert s.gpu["weights"] == (92160 + 65856) * 2 // 2
-    # qlora cannot build 4-bit weights inside zero.Init: the whole model is on each rank at load.
-    # dense bf16 131712 + packed (bf16 storage under ZeRO-3) 46080 + consts + lora 37376 + one bf16 layer 92160
-    j = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16")
-    s = memory.model_states(j, "zero3", TINY, CAL)
-    dense, packed, consts = memory.base_weight_bytes(j, TINY, "bf16")
-    assert (dense, packed) == (131712, 46080)
-    assert memory.load_peak_bytes(j, "zero3", TINY, s, CAL) == 131712 + 46080 + consts + 37376 + 92160
+def test_build_peak_one_model_dtype_layer_before_the_head():
+    # qlora, built piece by piece: embedding, layers (each quantized right after it exists), final norm, lm_head.
+    # While the last layer is quantized: dense 131712 + packed 46080 + consts 16784 = 194576 minus what comes
+    # after the layers (final norm 64 + untied lm_head 32768 elements, bf16: 65664) = 128912, plus the whole layer
+    # in bf16 (linears 46080 + 2 norms 128 = 46208 elements: 92416 B) = 221328 < whole model with LoRA 231952.
+    j = job()
+    assert memory.build_peak_bytes(j, "single_gpu", TINY, CAL) == 231952
+    # tied embeddings (no lm_head after the layers): dense = (embedding 32768 + norms 256 + final 64) * 2 = 66176,
+    # so 66176 + 46080 + 16784 - 128 + 92416 = 221328 > whole 66176 + 46080 + 16784 + 37376 = 166416
+    tied = ModelShape("llama", 64, 176, 2, 4, 2, 512, tie_word_embeddings=True, max_position_embeddings=2048)
+    assert memory.build_peak_bytes(j, "single_gpu", tied, CAL) == 221328
+    # lora/full materialize in model.dtype: the whole model, nothing on top
+    assert memory.build_peak_bytes(job("method=full"), "single_gpu", TINY, CAL) == (92160 + 65856) * 2
+
+
+def test_load_peak_single_gpu_by_dtype():
+    # full 1B-like case on the tiny shape: 158016 params, 2 B weights + 22 B at init = 24 B each
+    assert memory.estimate(job("method=full"), "single_gpu", CAL, TINY).load_peak == 158016 * 24
+    # fp32: DeepSpeed hands torch AdamW the params directly (no wrapper, lazy states): the build is the peak,
+    # qlora fp32: dense 65856*4 + packed 46080 + consts 16784 + LoRA 18688*4 = 401952 (> before-head + layer
+    # 263424 + 46080 + 16784 - (64+32768)*4 + 46208*4 = 384192)
+    j = job("model.dtype=fp32", "quantization.compute_dtype=fp32")
+    assert memory.single_gpu_init_bytes(j, 18688, CAL) == 0
+    assert memory.estimate(j, "single_gpu", CAL, TINY).load_peak == 65856 * 4 + 46080 + 16784 + 18688 * 4
+
+
+def test_load_peak_zero2_flattens_then_makes_fp32_partitions():
+    # lora, 2 GPUs: whole 316032 + LoRA 37376 = 353408; flat copy of the trainable params 18688*2 = 37376, then
+    # master + fp32 grad partition 9344*(4+4) = 74752 (> clone 9344*(2+4))
+    assert memory.estimate(job("method=lora", "hardware.gpus_per_node=2"), "zero2", CAL, TINY).load_peak == 353408 + 74752
+    # full, 8 GPUs: whole 316032; flat copy 158016*2 = 316032 > partitions 19752*8 = 158016
+    full8 = job("method=full", "hardware.gpus_per_node=8", "training.global_batch_size=32")
+    assert memory.estimate(full8, "zero2", CAL, TINY).load_peak == 316032 + 316032
+    # when whole + flat copy (632064 B) exceeds the GPU, DeepSpeed flattens through host memory: partitions only
+    small = job("method=full", "hardware.gpus_per_node=8", "training.global_batch_size=32", "hardware.gpu_memory_gb=0.0005")  # 536870 B
+    assert memory.estimate(small, "zero2", CAL, TINY).load_peak == 316032 + 158016
+
+
+def test_load_peak_zero3():
+    # lora/full are built partitioned, one piece gathered at a time. Largest tiny piece: a decoder layer =
+    # linears 46080 + 2 norms 128 = 46208 elements (> embedding 32768), bf16: 92416 B. Reduce bucket h*h = 4096
+    # elements, bf16: 8192 B. 2 GPUs.
+    full = job("method=full", "hardware.gpus_per_node=2")
+    # build: sharded weights 316032/2 = 158016 + piece 92416 = 250432
+    assert memory.build_peak_bytes(full, "zero3", TINY, CAL) == 250432
+    # init: sharded 158016 + fp32 master 79008*4 = 316032 + max(fp32 temp of one sub-group 316032,
+    # bf16 grad partition 158016 + bucket 8192) = 790080
+    assert memory.estimate(full, "zero3", CAL, TINY).load_peak == 158016 + 316032 + 316032
+    lora = job("method=lora", "hardware.gpus_per_node=2")
+    # init: sharded 158016 + LoRA 18688 = 176704, + master 37376 + max(37376, 18688 + 8192) = 251456 > build 250432
+    assert memory.estimate(lora, "zero3", CAL, TINY).load_peak == 176704 + 37376 + 37376
+    # optimizer offload: master, grads, moments in host RAM; the GPU gets the bucket: max(build 250432, 184896)
+    assert memory.estimate(lora, "zero3_offload_optimizer", CAL, TINY).load_peak == 250432
+    # param offload: partitions in host RAM; a gather copies this rank's half of the piece to the GPU too:
+    # 92416 + 46208 = 138624 (> bucket 8192)
+    assert memory.estimate(lora, "zero3_offload_all", CAL, TINY).load_peak == 138624
+    # qlora cannot build 4-bit weights inside zero.Init: the whole model (bf16 storage) is on each rank, then
+    # DeepSpeed partitions it param by param; each new partition exists before its whole tensor is freed: at
+    # most half the embedding 32768*2/2 = 32768 B. Whole: 131712 + 46080 + consts 16784 + LoRA 37376 = 231952
+    q = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16")
+    dense, packed, consts = memory.base_weight_bytes(q, TINY, "bf16")
+    assert (dense, packed, consts) == (131712, 46080, 16784)
+    assert memory.estimate(q, "zero3", CAL, TINY).load_peak == 231952 + 32768
+    assert memory.estimate(q, "zero3_offload_optimizer", CAL, TINY).load_peak == 231952 + 32768
+    # with param offload the partitions are made in host RAM: the whole model is the peak
+    assert memory.estimate(q, "zero3_offload_all", CAL, TINY).load_peak == 231952

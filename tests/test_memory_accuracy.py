@@ -53,14 +53,15 @@ def test_comparison_columns():
 
 
 def test_from_results_and_fit(tmp_path):
-    # SYNTHETIC measurements: predicted x 1.1 everywhere -> every error is 1/1.1 - 1 = -9.09 %
+    # SYNTHETIC measurements: predicted x 1.1 everywhere -> every error is 1/1.1 - 1 = -9.09 %;
+    # load peaks x 1.25 -> every load error is 1/1.25 - 1 = -20 %
     rows = []
     for c in acc.CONFIGS:
         job = acc.make_job(c, Path("/tmp/x"), Path("/tmp/x.jsonl"))
         row = {"config": c.name, "role": c.role, "strategy": c.strategy, "gpus": c.gpus, "overrides": list(c.overrides)}
         row.update(acc.predict_row(c, job))
         row["measured_peak_bytes"] = int(row["predicted_peak_bytes"] * 1.1)
-        row["measured_load_peak_bytes"] = row["predicted_load_peak_bytes"]
+        row["measured_load_peak_bytes"] = int(row["predicted_load_peak_bytes"] * 1.25)
         rows.append(row)
     stored = tmp_path / "stored.json"
     stored.write_text(json.dumps({"date": "synthetic", "device": "synthetic", "rows": rows}))
@@ -72,7 +73,13 @@ def test_from_results_and_fit(tmp_path):
     data = json.loads(out.read_text())
     assert all(abs(r["error_pct"] + 9.09) < 0.01 for r in data["rows"])
     assert data["summary"]["all"]["median_abs_pct"] == 9.09
-    assert "| qlora-70b-s1024 | calibration |" in out.with_suffix(".md").read_text()
+    assert all(abs(r["load_error_pct"] + 20.0) < 0.01 for r in data["rows"])
+    assert data["summary"]["load_peak"]["median_abs_pct"] == 20.0
+    md = out.with_suffix(".md").read_text()
+    assert "| qlora-70b-s1024 | calibration |" in md
+    assert "| load pred. | load meas. | load error % |" in md
+    assert "| -20.0 |" in md.split("| qlora-70b-s1024 |")[1].splitlines()[0]
+    assert "| orch load peak | 20 | 20.0 | 20.0 |" in md
     # fitting only on calibration rows must reduce their error
     fit = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory_accuracy.py"), "--from-results", str(stored),
                           "--fit"], capture_output=True, text=True, env=env, timeout=300)

@@ -121,7 +121,7 @@ def test_no_fit_anywhere_exit_3_and_suggestion(capsys):
     assert "suggestion:" in out
     job = load("llama8b_qlora_24gb.yaml", "model.name=llama3-405b", "method=full", "hardware.host_ram_gb=64")
     with pytest.raises(planner.NoFitError):
-        planner.resolve_strategy(job)
+        planner.resolve(job)
 
 
 def test_suggestion_smaller_micro_batch():
@@ -152,12 +152,12 @@ def test_suggestion_combines_changes():
 
 def test_forced_strategy():
     job = load("llama8b_full_2x80.yaml", "strategy=zero3_offload_all")
-    assert planner.resolve_strategy(job) == "zero3_offload_all"
+    assert planner.resolve(job) == ("zero3_offload_all", job)
     result = planner.plan(job)
     assert result.chosen == "zero3_offload_all"
     forced_bad = load("llama8b_full_2x80.yaml", "strategy=zero2")
     assert planner.plan(forced_bad).chosen is None
-    assert planner.resolve_strategy(forced_bad) == "zero2"  # contract: forced is returned as is
+    assert planner.resolve(forced_bad)[0] == "zero2"  # contract: forced is returned as is
 
 
 def test_host_ram_limits_offload():
