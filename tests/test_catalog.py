@@ -7,6 +7,7 @@ must equal what the catalog computes without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 from orchestrator import catalog
 
 PRESET_NAMES = ["llama3-1b", "llama3-3b", "llama3-8b", "llama3-70b", "llama3-405b",
-                "llama2-7b", "llama2-13b", "mistral-7b", "qwen2.5-7b", "qwen2.5-72b", "tiny-llama"]
+                "llama2-7b", "llama2-13b", "mistral-7b", "qwen2.5-7b", "qwen2.5-72b",
+                "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-12b", "phi3-mini", "tiny-llama"]
 
 
 def test_presets_are_the_documented_set() -> None:
@@ -44,33 +46,47 @@ def test_param_count_matches_transformers(name: str, meta_models: dict) -> None:
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_linear_shapes_match_transformers(name: str, meta_models: dict) -> None:
+    torch = pytest.importorskip("torch")
     shape = catalog.PRESETS[name]
-    layer = meta_models[name].model.layers[0]
-    modules = {**{k: getattr(layer.self_attn, k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
-               **{k: getattr(layer.mlp, k) for k in ("gate_proj", "up_proj", "down_proj")}}
-    for key, (fan_in, fan_out) in shape.linear_shapes().items():
-        assert (modules[key].in_features, modules[key].out_features) == (fan_in, fan_out), key
-    assert len(meta_models[name].model.layers) == shape.num_hidden_layers
-    assert (layer.self_attn.q_proj.bias is not None) == shape.attention_bias
-    tied = meta_models[name].lm_head.weight is meta_models[name].model.embed_tokens.weight
+    model = meta_models[name]
+    layer = model.model.layers[0]
+    # every nn.Linear of a decoder layer, by leaf name (Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)
+    modules = {n.rsplit(".", 1)[-1]: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {k: (m.in_features, m.out_features) for k, m in modules.items()} == shape.linear_shapes()
+    assert set(modules) == set(shape.linear_names())
+    assert len(model.model.layers) == shape.num_hidden_layers
+    first = modules[shape.linear_names()[0]]
+    assert (first.bias is not None) == shape.attention_bias
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     assert tied == shape.tie_word_embeddings
+    # sliding-window layout as transformers builds it (Phi3Config has no layer_types: all layers slide)
+    types = getattr(model.config, "layer_types", None)
+    if shape.model_type != "phi3" and shape.layer_types:
+        assert tuple(types) == shape.layer_types
+    assert (getattr(model.config, "sliding_window", None) or 0) == shape.sliding_window
 
 
 def test_published_sizes() -> None:
     # Nominal sizes in the model names ("8B", "70B", ...) as published by Meta, Mistral AI and
     # Qwen on their Hugging Face model cards; the exact counts are checked against transformers above.
     nominal = {"llama3-1b": 1.0, "llama3-3b": 3.0, "llama3-8b": 8.0, "llama3-70b": 70.0, "llama3-405b": 405.0,
-               "llama2-7b": 7.0, "llama2-13b": 13.0, "mistral-7b": 7.0, "qwen2.5-7b": 7.0, "qwen2.5-72b": 72.0}
+               "llama2-7b": 7.0, "llama2-13b": 13.0, "mistral-7b": 7.0, "qwen2.5-7b": 7.0, "qwen2.5-72b": 72.0,
+               "qwen3-8b": 8.0, "gemma2-9b": 9.0, "gemma3-1b": 1.0, "gemma3-12b": 12.0, "phi3-mini": 3.8}
     for name, billions in nominal.items():
         # Names round the size: within 25% (Llama 3.2 "1B" is 1.24B because of its 128k vocabulary).
         assert abs(catalog.PRESETS[name].num_params() / 1e9 - billions) / billions < 0.25, name
 
 
-def test_llama70b_example_folder_matches_preset() -> None:
-    folder = Path(__file__).resolve().parent.parent / "models" / "llama3-70b"
+@pytest.mark.parametrize("name", ["llama3-70b", "qwen3-8b", "gemma2-9b", "gemma3-1b", "gemma3-12b", "phi3-mini"])
+def test_example_folder_matches_preset(name: str) -> None:
+    # models/<name>/config.json is the published file; the preset copies it field by field
+    folder = Path(__file__).resolve().parent.parent / "models" / name
     shape = catalog.load_config_json(folder)
-    assert shape.num_params() == catalog.PRESETS["llama3-70b"].num_params()
     assert shape.source == str(folder / "config.json")
+    if name == "llama3-70b":  # the Llama presets keep ModelShape's default norm epsilon
+        assert shape.num_params() == catalog.PRESETS[name].num_params()
+    else:
+        assert shape == dataclasses.replace(catalog.PRESETS[name], source=shape.source)
 
 
 def test_format_params() -> None:
