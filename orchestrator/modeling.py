@@ -72,15 +72,20 @@ class LoadedModel:
 
 
 def hf_config(job: JobSpec):
+    """The transformers config of the model trained: a preset's shape, or the folder's
+    config.json (local or cached); for a multimodal gemma3 config, its text decoder's."""
     from transformers import AutoConfig
 
-    if job.model.is_preset():
+    folder = job.model.folder()
+    if folder is None:
         cfg = job.shape().to_hf_config()
         model_type = cfg.pop("model_type")
         cfg.pop("architectures", None)
-        config = AutoConfig.for_model(model_type, **cfg)
-    else:
-        config = AutoConfig.from_pretrained(job.model.name, local_files_only=True)
+        return AutoConfig.for_model(model_type, **cfg)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if job.shape().multimodal:
+        # Only the decoder is built (the spec allows random weights only for such a folder).
+        config = config.text_config
     return config
 
 
@@ -340,7 +345,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
         # tensor straight into partitioned params (no device_map: DeepSpeed places the shards).
         keep_alive = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(
-            job.model.name, dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
+            str(job.model.folder()), dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
             local_files_only=True)
         nquant = 0
     else:
@@ -351,7 +356,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
                             device_map={"": device.index if device.type == "cuda" else "cpu"}, local_files_only=True)
         if quant is not None:
             kwargs["quantization_config"] = bnb_config(job, sharded)
-        model = AutoModelForCausalLM.from_pretrained(job.model.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(job.model.folder()), **kwargs)
         nquant = count_4bit(model)
         keep_portable_cpu_4bit_(model)
     if nquant and device.type == "cpu":
