@@ -158,3 +158,79 @@ def test_config_json_not_an_object(tmp_path: Path, content: str, needle: str) ->
 def test_config_json_absent(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no config.json"):
         catalog.load_config_json(tmp_path)
+
+
+# --- families -------------------------------------------------------------------------------------
+
+GEMMA2 = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512}
+
+
+def test_gemma_defaults_are_transformers_defaults(tmp_path: Path) -> None:
+    # A Gemma-2 config.json that leaves keys out means Gemma2Config's defaults: tied embeddings,
+    # soft-caps 50 / 30, window 4096 on every other layer (sliding first), attention scalar 256.
+    shape = catalog.load_config_json(_folder(tmp_path, GEMMA2))
+    assert shape.tie_word_embeddings and shape.lm_head_params() == 0
+    assert (shape.attn_logit_softcapping, shape.final_logit_softcapping) == (50.0, 30.0)
+    assert shape.sliding_window == 4096 and shape.query_pre_attn_scalar == 256
+    assert shape.layer_types == ("sliding_attention", "full_attention") * 2
+    assert shape.head_dim_ == 32 and shape.q_dim == 128  # not hidden / heads = 16
+    # null soft-caps mean off
+    off = catalog.load_config_json(_folder(tmp_path, {**GEMMA2, "attn_logit_softcapping": None,
+                                                      "final_logit_softcapping": None, "tie_word_embeddings": False}))
+    assert (off.attn_logit_softcapping, off.final_logit_softcapping, off.tie_word_embeddings) == (0.0, 0.0, False)
+
+
+def test_gemma3_layer_pattern_and_rope_parameters(tmp_path: Path) -> None:
+    # transformers 5 writes rope_parameters per layer type and no sliding_window_pattern
+    cfg = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6, "sliding_window": 512, "sliding_window_pattern": 3,
+           "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    shape = catalog.load_config_json(_folder(tmp_path, cfg))
+    assert shape.layer_types == ("sliding_attention", "sliding_attention", "full_attention") * 2
+    assert (shape.rope_theta, shape.rope_local_theta) == (1e6, 1e4)
+    assert (shape.attn_logit_softcapping, shape.final_logit_softcapping) == (0.0, 0.0)  # Gemma-3 has none
+    assert shape.attention_mask_kinds() == 2
+
+
+def test_gemma3_multimodal_reads_its_text_config(tmp_path: Path) -> None:
+    text = {**GEMMA2, "model_type": "gemma3_text"}
+    shape = catalog.load_config_json(_folder(tmp_path, {"model_type": "gemma3", "text_config": text,
+                                                        "vision_config": {"hidden_size": 1152}}))
+    assert shape.model_type == "gemma3_text" and shape.multimodal
+    assert shape.num_params() == catalog.load_config_json(_folder(tmp_path, text)).num_params()
+    with pytest.raises(ValueError, match="needs a text_config object"):
+        catalog.load_config_json(_folder(tmp_path, {"model_type": "gemma3"}))
+
+
+@pytest.mark.parametrize("use, first, want", [(False, 2, ()), (True, 2, ("full_attention",) * 2 + ("sliding_attention",) * 2)])
+def test_qwen_window_only_with_use_sliding_window(tmp_path: Path, use: bool, first: int, want: tuple) -> None:
+    cfg = {**GOOD, "model_type": "qwen3", "num_hidden_layers": 4, "sliding_window": 256, "use_sliding_window": use,
+           "max_window_layers": first}
+    shape = catalog.load_config_json(_folder(tmp_path, cfg))
+    assert shape.layer_types == want and shape.sliding_window == (256 if use else 0)
+
+
+@pytest.mark.parametrize("change, evidence", [
+    ({"num_local_experts": 8}, "num_local_experts: 8"),  # Mixtral
+    ({"num_experts": 60, "moe_intermediate_size": 1408}, "num_experts: 60"),  # Qwen-MoE
+    ({"n_routed_experts": 64}, "n_routed_experts: 64"),  # DeepSeek
+    ({"text_config": {"num_experts": 16}}, "num_experts: 16"),  # a multimodal wrapper's decoder
+])
+def test_moe_configs_are_refused_whatever_their_model_type(tmp_path: Path, change: dict, evidence: str) -> None:
+    for model_type in ("mistral", "llama", "qwen2"):
+        with pytest.raises(ValueError) as exc:
+            catalog.load_config_json(_folder(tmp_path, {**GOOD, "model_type": model_type, **change}))
+        assert f"a mixture-of-experts model ({evidence})" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_zero_or_null_expert_keys_are_dense(tmp_path: Path) -> None:
+    shape = catalog.load_config_json(_folder(tmp_path, {**GOOD, "num_experts": 0, "num_local_experts": None}))
+    assert shape.model_type == "llama"
+
+
+def test_bad_layer_types_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="layer_types must list 4 entries"):
+        catalog.load_config_json(_folder(tmp_path, {**GEMMA2, "layer_types": ["full_attention"]}))
+    with pytest.raises(ValueError, match="sliding_window is not set"):
+        catalog.load_config_json(_folder(tmp_path, {**GEMMA2, "sliding_window": None}))
