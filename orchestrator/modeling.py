@@ -175,6 +175,8 @@ def _init_module_(module: nn.Module, rule: InitRule, gen: torch.Generator) -> No
                 sub.bias.data.zero_()
         elif isinstance(sub, nn.Embedding):
             sub.weight.data.normal_(0.0, rule.std, generator=gen)
+            if sub.padding_idx is not None:  # HF zeroes the padding row (Gemma, Phi-3 have one)
+                sub.weight.data[sub.padding_idx].zero_()
             scale = getattr(sub, "embed_scale", None)
             if isinstance(scale, torch.Tensor):  # Gemma's scaled embedding (its dtype rounds it as HF's does)
                 scale.fill_(getattr(sub, "scalar_embed_scale", rule.embed_scale))
@@ -184,6 +186,16 @@ def _init_module_(module: nn.Module, rule: InitRule, gen: torch.Generator) -> No
                     p.data.fill_(rule.norm_weight)
                 else:
                     p.data.zero_()
+
+
+def _no_init_weights():
+    """transformers' context that skips its weight init (transformers.initialization since 5.0;
+    modeling_utils before)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _rebuild_rotary_(inner: nn.Module, device: torch.device) -> None:
@@ -314,18 +326,23 @@ def build_random_zero3(job: JobSpec, config, ds_config: dict, device: torch.devi
     then gathered alone (``GatheredParameters``), rank 0 writes the same seeded
     values as ``build_random`` (same generator per (seed, piece index), same
     ``_init_module_``) and DeepSpeed re-partitions it from rank 0's copy.
-    transformers' own init under zero.Init touches only the empty local shards
-    (no gather, no RNG draws) and is overwritten anyway.
+    transformers' own init is skipped (``_no_init_weights``).
     """
     import deepspeed
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
     dtype = torch_dtype(job.model.dtype)
+    # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
+    # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
     # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
     # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
+    # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
+    # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
+    # piece is written below anyway.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
     inner = model.model
     rule = init_rule(config)

@@ -173,3 +173,21 @@ def test_pretrained_folder_loads(tmp_path, family):
     ids, pos, _, targets = _batch()
     loss = M.CausalLMLoss(loaded.model, loaded.base, chunk_tokens=0)(ids, pos, targets, torch.tensor(1.0))
     assert torch.isfinite(loss)
+
+
+def test_gemma3_zero3_random_build_matches_one_process(tmp_path):
+    # ZeRO-3 builds random weights inside deepspeed.zero.Init (real DeepSpeed, 2 CPU processes):
+    # Gemma's module must be imported before zero.Init patches torch.Tensor, and transformers'
+    # own init (which zeroes the padding row of an empty shard) must not run. Same seed, same losses.
+    from tests.train_helpers import check, losses, out_dir, run_trainer
+
+    model = {"name": str(_folder(tmp_path, "gemma3_text"))}
+    short = {"max_steps": 2}
+    one = tiny_job(tmp_path, "g3-one", method="lora", model=model, training=short)
+    two = tiny_job(tmp_path, "g3-z3", method="lora", strategy="zero3", model=model, training=short)
+    check(run_trainer(one))
+    check(run_trainer(two, nprocs=2))
+    a, b = losses(out_dir(one)), losses(out_dir(two))
+    assert list(a) == list(b) == [1, 2]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
