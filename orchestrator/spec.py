@@ -90,13 +90,13 @@ class ModelSpec(_Section):
         "mixture-of-experts models are refused.")
     weights: Literal["pretrained", "random"] = Field(
         "pretrained",
-        description="'pretrained' loads the weights in the model folder; 'random' builds the model from its shape "
-        "with random weights (benchmarks and smoke tests, no download).",
+        description="'pretrained' loads the weights in the model folder (or the cached Hub snapshot); 'random' builds "
+        "the model from its shape with random weights (benchmarks and smoke tests, no download).",
     )
     tokenizer: Optional[str] = Field(
         None,
-        description="Folder with tokenizer files. Default: the model folder; for a preset with random weights, "
-        "orch builds a byte-level tokenizer so nothing is downloaded.",
+        description="Folder with tokenizer files. Default: the model folder (or the cached Hub snapshot); for a preset "
+        "with random weights, orch builds a byte-level tokenizer so nothing is downloaded.",
     )
     dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
@@ -448,7 +448,7 @@ class JobSpec(_Section):
     """A whole finetuning job."""
 
     name: str = Field(min_length=1, max_length=128, description="Job name: shown in Slurm and logs; file names use a path-safe form of it.")
-    model: ModelSpec = Field(description="The model to finetune: preset or local folder, weights, dtype.")
+    model: ModelSpec = Field(description="The model to finetune: preset, local folder or cached Hub id; weights, dtype.")
     method: Literal["qlora", "lora", "full"] = Field(description="qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: all weights trained.")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA settings (qlora and lora).")
     quantization: QuantizationSpec = Field(QuantizationSpec(), description="4-bit settings (qlora).")
