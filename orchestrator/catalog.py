@@ -9,6 +9,7 @@ a ``config.json``; both become a :class:`ModelShape`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -380,17 +381,22 @@ def load_config_json(folder: Path) -> ModelShape:
 def moe_evidence(raw: dict) -> str:
     """'key: value' of the first mixture-of-experts key set in a config (or its text_config), else ''.
 
-    A key counts when it holds a number above 0 (num_experts: 0 or null appears in some dense
-    configs of MoE-capable families) or a non-empty value of another type.
+    The keys of MOE_KEYS are looked at first, then any other key naming experts or MoE
+    ("expert" in it, or a "moe" word: moe_layer_frequency, use_moe). A key counts when it
+    holds true, a number above 0 (num_experts: 0 or null appears in dense configs of
+    MoE-capable families) or a non-empty list or mapping.
     """
     for cfg in (raw, raw.get("text_config")):
         if not isinstance(cfg, dict):
             continue
-        for key in MOE_KEYS:
+        others = [k for k in cfg if isinstance(k, str) and k not in MOE_KEYS
+                  and ("expert" in k or re.search(r"(^|_)moe(_|$)", k))]
+        for key in (*MOE_KEYS, *others):
             value = cfg.get(key)
-            if isinstance(value, bool) or value is None:
+            if value is None or value is False:
                 continue
-            if (isinstance(value, (int, float)) and value > 0) or (not isinstance(value, (int, float)) and value):
+            if value is True or (isinstance(value, (int, float)) and value > 0) or (
+                    isinstance(value, (list, dict, str)) and value):
                 return f"{key}: {value!r}"
     return ""
 

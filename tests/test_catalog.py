@@ -216,6 +216,9 @@ def test_qwen_window_only_with_use_sliding_window(tmp_path: Path, use: bool, fir
     ({"num_experts": 60, "moe_intermediate_size": 1408}, "num_experts: 60"),  # Qwen-MoE
     ({"n_routed_experts": 64}, "n_routed_experts: 64"),  # DeepSeek
     ({"text_config": {"num_experts": 16}}, "num_experts: 16"),  # a multimodal wrapper's decoder
+    ({"moe_layer_frequency": 2}, "moe_layer_frequency: 2"),  # any other key naming MoE (Arctic)
+    ({"use_moe": True}, "use_moe: True"),
+    ({"expert_layer_period": 2}, "expert_layer_period: 2"),  # or experts (Jamba)
 ])
 def test_moe_configs_are_refused_whatever_their_model_type(tmp_path: Path, change: dict, evidence: str) -> None:
     for model_type in ("mistral", "llama", "qwen2"):
@@ -225,7 +228,9 @@ def test_moe_configs_are_refused_whatever_their_model_type(tmp_path: Path, chang
 
 
 def test_zero_or_null_expert_keys_are_dense(tmp_path: Path) -> None:
-    shape = catalog.load_config_json(_folder(tmp_path, {**GOOD, "num_experts": 0, "num_local_experts": None}))
+    shape = catalog.load_config_json(_folder(tmp_path, {**GOOD, "num_experts": 0, "num_local_experts": None,
+                                                        "use_moe": False, "moe_intermediate_size": None,
+                                                        "remove_unused_columns": True}))
     assert shape.model_type == "llama"
 
 
