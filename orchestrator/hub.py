@@ -51,6 +51,13 @@ def snapshot_folder(repo_id: str, env: Optional[Mapping[str, str]] = None) -> Pa
     has no ref, and then a single snapshot is taken as the one meant.
     """
     cache = cache_dir(env)
+    try:
+        return _snapshot_in(cache, repo_id)
+    except (OSError, UnicodeDecodeError) as exc:  # an unreadable ref or snapshot folder
+        raise NotCached(f"{repo_id!r}: cannot read the Hugging Face cache {cache}: {exc}") from None
+
+
+def _snapshot_in(cache: Path, repo_id: str) -> Path:
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     download = (f"download it first with `hf download {repo_id}` (or `huggingface-cli download {repo_id}`); "
                 "orch never downloads")

@@ -226,3 +226,10 @@ def test_multimodal_gemma3_trains_random_weights_only(tmp_path):
     with pytest.raises(SpecError, match=r"model.weights: .* multimodal gemma3_text checkpoint; .*weights: random"):
         load_job(path, for_training=True)
     load_job(path)  # planning it is fine
+
+
+def test_unreadable_ref_is_one_line(cache):
+    snapshot = cache_repo(cache, "org/tiny", {"config.json": tiny_config()})
+    (snapshot.parents[1] / "refs" / "main").write_bytes(b"\xff\xfe")
+    with pytest.raises(hub.NotCached, match="cannot read the Hugging Face cache"):
+        hub.snapshot_folder("org/tiny")
