@@ -191,3 +191,18 @@ def test_gemma3_zero3_random_build_matches_one_process(tmp_path):
     assert list(a) == list(b) == [1, 2]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
+def test_multimodal_gemma3_folder_builds_its_text_decoder(tmp_path):
+    # a gemma3 (multimodal) config.json: orch builds Gemma3ForCausalLM from its text_config, no vision tower
+    folder = tmp_path / "mm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "gemma3", "text_config": CONFIGS["gemma3_text"],
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                          "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}}))
+    job = _job(tmp_path, "gemma3_text", "lora", folder=folder)
+    loaded = M.load_model(job, "single_gpu", CPU, seed=0)
+    assert type(loaded.base).__name__ == "Gemma3ForCausalLM"
+    assert not any("vision" in n for n, _ in loaded.base.named_parameters())
+    assert sum(p.numel() for n, p in loaded.base.named_parameters() if "lora_" not in n) == job.shape().num_params()
