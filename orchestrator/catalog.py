@@ -2,8 +2,9 @@
 
 Everything here is plain data: `orch plan` reads it without importing torch or
 touching the network. A model is either a named preset (exact shapes copied from
-the published Hugging Face ``config.json`` of that model) or a local folder with
-a ``config.json``; both become a :class:`ModelShape`.
+the published Hugging Face ``config.json`` of that model) or a folder with a
+``config.json`` (local, or the cache snapshot of a Hub id: ``hub.py``); both become
+a :class:`ModelShape`, whose :class:`Family` says how its architecture differs from Llama's.
 """
 
 from __future__ import annotations
