@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from orchestrator.catalog import FAMILIES
 from orchestrator.spec import JobSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
@@ -158,8 +159,6 @@ class InitRule:
 
 
 def init_rule(config) -> InitRule:
-    from orchestrator.catalog import FAMILIES
-
     family = FAMILIES.get(config.model_type)
     return InitRule(std=getattr(config, "initializer_range", 0.02),
                     norm_weight=0.0 if family is not None and family.offset_norm else 1.0,
