@@ -108,6 +108,14 @@ CONFIGS: list[Config] = [
     C("lora-8b-mb2-s2048", "calibration", "single_gpu", 1, "method=lora", "training.micro_batch_size=2"),
     C("lora-1b-mb4-s4096-nockpt", "held_out", "single_gpu", 1, "method=lora", "model.name=llama3-1b",
       "training.micro_batch_size=4", "data.seq_len=4096", "training.gradient_checkpointing=false"),
+    # One row per family added for issue 15 (random weights from the preset's published config, one 80 GB GPU):
+    # Qwen3 q/k norms; Gemma-2 4 norms, soft-caps (eager: no sdpa), 256k vocabulary, two masks; Gemma-3's
+    # decoder, q/k norms, 5 sliding : 1 global; Phi-3's fused linears on a bf16 base.
+    C("qlora-qwen3-8b-s2048", "held_out", "single_gpu", 1, "model.name=qwen3-8b"),
+    C("qlora-gemma2-9b-s2048-eager", "held_out", "single_gpu", 1, "model.name=gemma2-9b", "model.attn_implementation=eager"),
+    C("qlora-gemma3-12b-s2048", "held_out", "single_gpu", 1, "model.name=gemma3-12b"),
+    C("lora-phi3-mini-mb2-s2048", "held_out", "single_gpu", 1, "method=lora", "model.name=phi3-mini",
+      "training.micro_batch_size=2"),
     # Full finetunes on 2 GPUs: ZeRO-2, ZeRO-3, ZeRO-3 with optimizer / param offload
     C("full-3b-zero2", "calibration", "zero2", 2, "method=full", "model.name=llama3-3b", "training.micro_batch_size=2"),
     C("full-1b-zero2-s4096", "held_out", "zero2", 2, "method=full", "model.name=llama3-1b", "data.seq_len=4096"),

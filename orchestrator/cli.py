@@ -96,11 +96,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": r.name, "params": r.params, **r.shape.__dict__} for r in rows], indent=2))
         return Exit.OK
-    print(f"{'preset':<13} {'params':>8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>5} {'kv':>3} {'vocab':>7}  tied")
+    print(f"{'preset':<12} {'family':<11} {'params':>8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>5} {'kv':>3} "
+          f"{'hdim':>4} {'vocab':>7} tied {'window':>6}")
     for r in rows:
         s = r.shape
-        print(f"{r.name:<13} {format_params(r.params):>8} {s.num_hidden_layers:>6} {s.hidden_size:>6} {s.intermediate_size:>6} "
-              f"{s.num_attention_heads:>5} {s.num_key_value_heads:>3} {s.vocab_size:>7}  {'yes' if s.tie_word_embeddings else 'no'}")
+        window = f"{s.sliding_window}" if s.sliding_window else "-"
+        print(f"{r.name:<12} {s.model_type:<11} {format_params(r.params):>8} {s.num_hidden_layers:>6} {s.hidden_size:>6} "
+              f"{s.intermediate_size:>6} {s.num_attention_heads:>5} {s.num_key_value_heads:>3} {s.head_dim_:>4} "
+              f"{s.vocab_size:>7} {'yes' if s.tie_word_embeddings else 'no':<4} {window:>6}")
     return Exit.OK
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from orchestrator import planner
+from orchestrator import hub, planner
 from orchestrator.deepspeed_config import build_ds_config
 from orchestrator.slurm import SbatchPaths, render_sbatch
 from orchestrator.spec import JobSpec, dump_job
@@ -94,7 +94,10 @@ def resolve_job(job: JobSpec, strategy: str, portable: bool) -> JobSpec:
     data["strategy"] = strategy
     conv = lambda p: _path_for_output(p, portable)  # noqa: E731
     data["data"]["paths"] = [conv(p) for p in job.data.paths]
-    if not job.model.is_preset():
+    if hub.from_cache(job.model.name):
+        # The trainer reads the very snapshot resolved here; --portable keeps the id for the cluster's own cache.
+        data["model"]["name"] = job.model.name if portable else _path_for_output(str(job.model.folder()), False)
+    elif not job.model.is_preset():
         data["model"]["name"] = conv(job.model.name)
     if job.model.tokenizer is not None:
         data["model"]["tokenizer"] = conv(job.model.tokenizer)

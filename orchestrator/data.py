@@ -77,7 +77,8 @@ def byte_tokenizer():
 
 def load_tokenizer(job: JobSpec, vocab_size: int):
     """The spec's tokenizer folder, else the model folder's, else the byte tokenizer (presets)."""
-    folder = job.model.tokenizer or (None if job.model.is_preset() else job.model.name)
+    model_folder = job.model.folder()
+    folder = job.model.tokenizer or (None if model_folder is None else str(model_folder))
     if folder is not None:
         from transformers import AutoTokenizer
 

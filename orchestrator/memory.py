@@ -316,9 +316,60 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
 INPUT_GROUPS = {
     "attn_in": ("q_proj", "k_proj", "v_proj"),  # input_layernorm output
     "attn_out": ("o_proj",),  # attention output, transposed contiguous
-    "mlp_in": ("gate_proj", "up_proj"),  # post_attention_layernorm output
-    "mlp_mid": ("down_proj",),  # silu(gate) * up
+    "mlp_in": ("gate_proj", "up_proj"),  # post_attention_layernorm (Gemma: pre_feedforward_layernorm) output
+    "mlp_mid": ("down_proj",),  # act(gate) * up
 }
+# Phi-3's fused linears: one reader per tensor.
+FUSED_INPUT_GROUPS = {
+    "attn_in": ("qkv_proj",),
+    "attn_out": ("o_proj",),
+    "mlp_in": ("gate_up_proj",),
+    "mlp_mid": ("down_proj",),
+}
+
+
+def input_groups(shape: ModelShape) -> dict[str, tuple[str, ...]]:
+    """The decoder linears of ``shape``'s family grouped by the tensor they read."""
+    return FUSED_INPUT_GROUPS if shape.family.fused_linears else INPUT_GROUPS
+
+
+def norm_bytes_per_token(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> float:
+    """Bytes per token that one decoder layer's RMSNorms save for backward.
+
+    Every norm upcasts its input to fp32 and keeps it (pow and mul save it:
+    cal.norm_fp32_copies x 4 bytes per element). The normalized widths: h for each of the
+    family's norms_per_layer (2; Gemma 4), plus q and k (q_dim + kv_dim) where q/k norms
+    exist (Qwen3, Gemma-3). A full finetune also saves the normalized tensor for the norm
+    weight's gradient: in model dtype for Llama-style norms (w * x.to(dtype)), in fp32 for
+    Gemma's (x * (1 + w.float())). With frozen norm weights (LoRA) that product saves nothing.
+    """
+    family = shape.family
+    width = family.norms_per_layer * shape.hidden_size + (shape.q_dim + shape.kv_dim if family.qk_norm else 0)
+    per_token = cal.norm_fp32_copies * FP32 * width
+    if job.method == "full":
+        per_token += (FP32 if family.offset_norm else DTYPE_BYTES[job.model.dtype]) * width
+    return per_token
+
+
+def attention_score_bytes_per_token(job: JobSpec, shape: ModelShape, seq_len: int) -> int:
+    """Bytes per token that one layer's attention scores save, by kernel.
+
+    sdpa converts the bool mask to an additive mask in model dtype per call and saves it
+    (d * seq_len); eager saves the fp32 softmax and its model-dtype copy per head
+    ((4 + d) * heads * seq_len), plus, with attention-logit soft-capping (Gemma-2), the tanh
+    output tanh(s / cap) in model dtype (d * heads * seq_len; the divisions and products by
+    the scalar cap save nothing); flash_attention_2 saves no scores (soft-capping and sliding
+    windows run inside the kernel). A sliding window changes no saved size: eager and sdpa
+    still materialize seq x seq, only masked.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    attn = job.model.attn_implementation
+    if attn == "eager":
+        softcap = d if shape.attn_logit_softcapping else 0
+        return (FP32 + d + softcap) * shape.num_attention_heads * seq_len
+    if attn == "sdpa":
+        return d * seq_len
+    return 0
 
 
 def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION) -> int:
@@ -326,17 +377,19 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
 
     Per token (d = model dtype bytes, h hidden, q = heads x head_dim, i ffn):
 
-    * 2 RMSNorms: the fp32 copy of the input (4h each, saved by pow and mul);
-      full finetune also saves the normalized tensor (d*h each) for the norm
+    * RMSNorms (norm_bytes_per_token): the fp32 copy of each norm's input (4h
+      each, saved by pow and mul; Gemma has 4 per layer, Qwen3/Gemma-3 also norm
+      q and k); full finetune also saves the normalized tensor for the norm
       weight's gradient.
     * attention: q after RoPE (d*q); k and v repeat_kv-expanded to q heads
       (2*d*q: packed rows carry a 4D mask and sdpa with a mask skips its GQA
-      path); sdpa's output (d*q) and logsumexp (fp32 per head). sdpa converts
-      the bool mask to an additive mask in model dtype per call and saves it
-      (d * seq_len per token); eager instead saves fp32 softmax + its
-      model-dtype copy per head ((4 + d) * heads * seq_len); flash: neither.
-    * SwiGLU: gate output, silu output, up output (cal.mlp_intermediates x d*i).
-    * linear inputs (INPUT_GROUPS): a frozen base linear saves nothing (torch
+      path); sdpa's output (d*q) and logsumexp (fp32 per head); the scores'
+      saved tensors per kernel (attention_score_bytes_per_token). q = heads x
+      head_dim, which Gemma and Qwen3 set apart from hidden / heads.
+    * gated MLP, SwiGLU or GeGLU alike: gate output (the activation's saved
+      input), activation output, up output (cal.mlp_intermediates x d*i; Phi-3's
+      fused gate_up output is the gate and up halves of one tensor, the same bytes).
+    * linear inputs (input_groups): a frozen base linear saves nothing (torch
       saves the input only for a weight gradient; bnb's MatMul4Bit keeps just
       the packed weight). So a group's input (d*in) is saved for full finetunes,
       and for LoRA only when an adapted module reads it without dropout
@@ -347,22 +400,18 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     d = DTYPE_BYTES[job.model.dtype]
     h, q, i = shape.hidden_size, shape.q_dim, shape.intermediate_size
     heads = shape.num_attention_heads
-    per_token = 2 * cal.norm_fp32_copies * FP32 * h
+    per_token = norm_bytes_per_token(job, shape, cal)
     per_token += 3 * d * q + d * q + FP32 * heads  # q, expanded k and v; sdpa output + lse
-    attn = job.model.attn_implementation
-    if attn == "eager":
-        per_token += (FP32 + d) * heads * seq_len
-    elif attn == "sdpa":
-        per_token += d * seq_len
+    per_token += attention_score_bytes_per_token(job, shape, seq_len)
     per_token += cal.mlp_intermediates * d * i
     linears = shape.linear_shapes()
+    groups = input_groups(shape)
     if job.method == "full":
-        per_token += 2 * d * h  # norm weight gradients
-        per_token += sum(d * linears[group[0]][0] for group in INPUT_GROUPS.values())
+        per_token += sum(d * linears[group[0]][0] for group in groups.values())
     else:
         targets = lora_targets(job, shape)
         per_token += len(targets) * d * job.lora.r
-        for group in INPUT_GROUPS.values():
+        for group in groups.values():
             adapted = [m for m in group if m in targets]
             width = linears[group[0]][0]
             if job.lora.dropout > 0:
@@ -372,20 +421,22 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     return int(per_token * tokens)
 
 
-def attention_mask_bytes(job: JobSpec) -> int:
-    """The 4D mask transformers builds once per forward for packed rows, shared by all layers.
+def attention_mask_bytes(job: JobSpec, kinds: int = 1) -> int:
+    """The 4D masks transformers builds once per forward for packed rows, shared by all layers.
 
     Rows with several packed examples restart position_ids, so transformers
     materializes a block-diagonal causal mask of micro_batch x seq x seq: bool
     for sdpa, model dtype for eager. flash_attention_2 uses varlen indices
     instead. (Rows holding a single example get no mask at all: is_causal; the
-    model assumes packing, the common case, which is the larger.)
+    model assumes packing, the common case, which is the larger.) ``kinds``:
+    masks per forward (ModelShape.attention_mask_kinds): models mixing
+    sliding-window and full layers (Gemma-2/3) build one of each.
     """
     attn = job.model.attn_implementation
     if attn == "flash_attention_2":
         return 0
     per = 1 if attn == "sdpa" else DTYPE_BYTES[job.model.dtype]
-    return job.training.micro_batch_size * job.data.seq_len * job.data.seq_len * per
+    return kinds * job.training.micro_batch_size * job.data.seq_len * job.data.seq_len * per
 
 
 def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> tuple[int, int]:
@@ -403,7 +454,7 @@ def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRA
     d = DTYPE_BYTES[job.model.dtype]
     h = shape.hidden_size
     layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal)
-    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job)
+    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job, shape.attention_mask_kinds())
     if t.gradient_checkpointing:
         saved = shape.num_hidden_layers * d * h * tokens + final_norm
         transient = int(layer * (1 + cal.backward_transient))
@@ -420,10 +471,14 @@ def logits_loss_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBR
     each chunk under checkpointing, so only one chunk's fp32 logits exist:
     loss_bytes_per_logit x vocab x min(chunk, tokens). loss_chunk_tokens=0 makes
     the whole micro batch one chunk (full logits, fp32 upcast).
+
+    Final-logit soft-capping (Gemma-2, applied in model dtype before the upcast, as the
+    HF model does) keeps tanh(z / cap) for its backward: d more bytes per logit.
     """
     tokens = job.training.micro_batch_size * job.data.seq_len
     chunk = job.training.loss_chunk_tokens or tokens
-    return int(cal.loss_bytes_per_logit * shape.vocab_size * min(chunk, tokens))
+    per_logit = cal.loss_bytes_per_logit + (DTYPE_BYTES[job.model.dtype] if shape.final_logit_softcapping else 0)
+    return int(per_logit * shape.vocab_size * min(chunk, tokens))
 
 
 def dequant_buffer_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:

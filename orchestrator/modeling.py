@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from orchestrator.catalog import FAMILIES
 from orchestrator.spec import JobSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
@@ -72,15 +73,20 @@ class LoadedModel:
 
 
 def hf_config(job: JobSpec):
+    """The transformers config of the model trained: a preset's shape, or the folder's
+    config.json (local or cached); for a multimodal gemma3 config, its text decoder's."""
     from transformers import AutoConfig
 
-    if job.model.is_preset():
+    folder = job.model.folder()
+    if folder is None:
         cfg = job.shape().to_hf_config()
         model_type = cfg.pop("model_type")
         cfg.pop("architectures", None)
-        config = AutoConfig.for_model(model_type, **cfg)
-    else:
-        config = AutoConfig.from_pretrained(job.model.name, local_files_only=True)
+        return AutoConfig.for_model(model_type, **cfg)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if job.shape().multimodal:
+        # Only the decoder is built (the spec allows random weights only for such a folder).
+        config = config.text_config
     return config
 
 
@@ -139,21 +145,68 @@ def bnb_config(job: JobSpec, sharded: bool):
 # random weights, layer by layer
 
 
-def _init_module_(module: nn.Module, std: float, gen: torch.Generator) -> None:
-    """Seeded init of the weights of one materialized piece (HF's Llama init rule)."""
+@dataclass(frozen=True)
+class InitRule:
+    """How a family's freshly materialized pieces are initialized (HF's ``_init_weights`` rule)."""
+
+    std: float
+    """Normal std of linear and embedding weights (config.initializer_range)."""
+    norm_weight: float
+    """RMSNorm weights: 1, or 0 for Gemma's zero-centred norms (applied as 1 + w)."""
+    embed_scale: float
+    """Value of Gemma's non-persistent embedding multiplier buffer, sqrt(hidden_size), which
+    a meta-device build leaves uninitialized (unused by families without it)."""
+
+
+def init_rule(config) -> InitRule:
+    family = FAMILIES.get(config.model_type)
+    return InitRule(std=getattr(config, "initializer_range", 0.02),
+                    norm_weight=0.0 if family is not None and family.offset_norm else 1.0,
+                    embed_scale=config.hidden_size ** 0.5)
+
+
+def _init_module_(module: nn.Module, rule: InitRule, gen: torch.Generator) -> None:
+    """Seeded init of the weights of one materialized piece (the family's init rule)."""
     for sub in module.modules():
         if isinstance(sub, nn.Linear):
-            sub.weight.data.normal_(0.0, std, generator=gen)
+            sub.weight.data.normal_(0.0, rule.std, generator=gen)
             if sub.bias is not None:
                 sub.bias.data.zero_()
         elif isinstance(sub, nn.Embedding):
-            sub.weight.data.normal_(0.0, std, generator=gen)
+            sub.weight.data.normal_(0.0, rule.std, generator=gen)
+            if sub.padding_idx is not None:  # HF zeroes the padding row (Gemma, Phi-3 have one)
+                sub.weight.data[sub.padding_idx].zero_()
+            scale = getattr(sub, "embed_scale", None)
+            if isinstance(scale, torch.Tensor):  # Gemma's scaled embedding (its dtype rounds it as HF's does)
+                scale.fill_(getattr(sub, "scalar_embed_scale", rule.embed_scale))
         else:
             for name, p in sub.named_parameters(recurse=False):
                 if name == "weight" and p.dim() == 1:  # RMSNorm
-                    p.data.fill_(1.0)
+                    p.data.fill_(rule.norm_weight)
                 else:
                     p.data.zero_()
+
+
+def _no_init_weights():
+    """transformers' context that skips its weight init (transformers.initialization since 5.0;
+    modeling_utils before)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _rebuild_rotary_(inner: nn.Module, device: torch.device) -> None:
+    """Re-create the decoder's rotary embeddings on ``device``: their frequencies are
+    non-persistent buffers computed from the config, which a meta-device build leaves empty.
+    Every ``*RotaryEmbedding`` child is rebuilt from its own config, so Gemma-3's local and
+    global RoPE (one module in transformers 5, or rotary_emb and rotary_emb_local before) come
+    back with their own bases."""
+    for name, child in list(inner.named_children()):
+        if "RotaryEmbedding" in type(child).__name__:
+            with torch.device(device):
+                setattr(inner, name, type(child)(config=child.config))
 
 
 def _quantize_linears_(layer: nn.Module, settings: dict, skip: list[str], device: torch.device) -> int:
@@ -238,7 +291,7 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
     inner = model.model
-    std = getattr(config, "initializer_range", 0.02)
+    rule = init_rule(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
 
@@ -251,14 +304,12 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
     for index, (piece, is_layer) in enumerate(pieces):
         piece.to_empty(device=device)
         gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
-        _init_module_(piece, std, gen)
+        _init_module_(piece, rule, gen)
         if quant is not None and is_layer:
             quantized += _quantize_linears_(piece, quant, list(job.quantization.skip_modules), device)
     if tied:
         model.lm_head.weight = inner.embed_tokens.weight
-    # Rotary frequencies are non-persistent buffers computed from the config.
-    with torch.device(device):
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    _rebuild_rotary_(inner, device)
     if quant is not None:
         # What PEFT and HF look at to treat the model as a 4-bit one.
         model.is_loaded_in_4bit = True
@@ -274,21 +325,26 @@ def build_random_zero3(job: JobSpec, config, ds_config: dict, device: torch.devi
     then gathered alone (``GatheredParameters``), rank 0 writes the same seeded
     values as ``build_random`` (same generator per (seed, piece index), same
     ``_init_module_``) and DeepSpeed re-partitions it from rank 0's copy.
-    transformers' own init under zero.Init touches only the empty local shards
-    (no gather, no RNG draws) and is overwritten anyway.
+    transformers' own init is skipped (``_no_init_weights``).
     """
     import deepspeed
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
     dtype = torch_dtype(job.model.dtype)
+    # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
+    # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
     # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
     # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
+    # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
+    # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
+    # piece is written below anyway.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
     inner = model.model
-    std = getattr(config, "initializer_range", 0.02)
+    rule = init_rule(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -300,11 +356,10 @@ def build_random_zero3(job: JobSpec, config, ds_config: dict, device: torch.devi
         with deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=0):
             if rank == 0:
                 gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
-                _init_module_(piece, std, gen)
+                _init_module_(piece, rule, gen)
     if tied:
         model.lm_head.weight = inner.embed_tokens.weight
-    with torch.device(device):
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    _rebuild_rotary_(inner, device)
     return model
 
 
@@ -340,7 +395,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
         # tensor straight into partitioned params (no device_map: DeepSpeed places the shards).
         keep_alive = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(
-            job.model.name, dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
+            str(job.model.folder()), dtype=torch_dtype(job.model.dtype), attn_implementation=attn_implementation(job),
             local_files_only=True)
         nquant = 0
     else:
@@ -351,7 +406,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
                             device_map={"": device.index if device.type == "cuda" else "cpu"}, local_files_only=True)
         if quant is not None:
             kwargs["quantization_config"] = bnb_config(job, sharded)
-        model = AutoModelForCausalLM.from_pretrained(job.model.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(job.model.folder()), **kwargs)
         nquant = count_4bit(model)
         keep_portable_cpu_4bit_(model)
     if nquant and device.type == "cpu":
@@ -442,6 +497,9 @@ class CausalLMLoss(nn.Module):
         self.lm = model
         self._base = [base]  # a list: not registered twice as a submodule
         self.chunk_tokens = chunk_tokens
+        # Gemma-2 caps its output logits (tanh(z / cap) * cap) before the loss; without it the
+        # loss and gradients would be those of another model.
+        self.softcap = float(getattr(base.config, "final_logit_softcapping", None) or 0.0)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         base = self._base[0]
@@ -458,16 +516,19 @@ class CausalLMLoss(nn.Module):
         for start in range(0, n, chunk):
             h, t = hidden[start:start + chunk], flat_targets[start:start + chunk]
             if self.chunk_tokens > 0 and torch.is_grad_enabled():
-                part = torch.utils.checkpoint.checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+                part = torch.utils.checkpoint.checkpoint(_chunk_loss, head, h, t, self.softcap, use_reentrant=False)
             else:
-                part = _chunk_loss(head, h, t)
+                part = _chunk_loss(head, h, t, self.softcap)
             total = total + part
         return total * scale
 
 
-def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
-    return torch.nn.functional.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
+def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: float) -> torch.Tensor:
+    logits = head(h)
+    if softcap:
+        # In the head's dtype and before the fp32 upcast, in the order the HF model applies it.
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits.float(), t, ignore_index=-100, reduction="sum")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

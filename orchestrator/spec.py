@@ -20,12 +20,12 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
-from orchestrator import catalog, datacheck
+from orchestrator import catalog, datacheck, hub
 
 Strategy = Literal[
     "single_gpu",
@@ -81,20 +81,27 @@ def _one_line(value: str, what: str) -> str:
 
 
 class ModelSpec(_Section):
-    name: str = Field(description="A built-in preset (`orch models` lists them) or a local folder with a Hugging Face config.json.")
+    name: str = Field(
+        description="A built-in preset (`orch models` lists them), a local folder with a Hugging Face config.json, or a "
+        "Hub id `org/name` (e.g. meta-llama/Llama-3.1-8B) read offline from the local Hugging Face cache (HF_HUB_CACHE, "
+        "else HF_HOME/hub, else ~/.cache/huggingface/hub; fill it with `hf download org/name`, orch never downloads). "
+        "A local folder of the same name wins over the cache. Families: llama, mistral, qwen2, qwen3, gemma2, gemma3 "
+        "(text decoder; a multimodal gemma3 config plans and trains from random weights only), phi3; "
+        "mixture-of-experts models are refused.")
     weights: Literal["pretrained", "random"] = Field(
         "pretrained",
-        description="'pretrained' loads the weights in the model folder; 'random' builds the model from its shape "
-        "with random weights (benchmarks and smoke tests, no download).",
+        description="'pretrained' loads the weights in the model folder (or the cached Hub snapshot); 'random' builds "
+        "the model from its shape with random weights (benchmarks and smoke tests, no download).",
     )
     tokenizer: Optional[str] = Field(
         None,
-        description="Folder with tokenizer files. Default: the model folder; for a preset with random weights, "
-        "orch builds a byte-level tokenizer so nothing is downloaded.",
+        description="Folder with tokenizer files. Default: the model folder (or the cached Hub snapshot); for a preset "
+        "with random weights, orch builds a byte-level tokenizer so nothing is downloaded.",
     )
     dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
-        "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16."
+        "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16. "
+        "Gemma-2 needs eager or flash_attention_2 (transformers' sdpa has no attention soft-capping)."
     )
 
     @field_validator("name", "tokenizer")
@@ -108,6 +115,13 @@ class ModelSpec(_Section):
 
     def is_preset(self) -> bool:
         return self.name in catalog.PRESETS
+
+    def folder(self) -> Optional[Path]:
+        """The folder holding config.json (+ weights, tokenizer): None for a preset, the local
+        folder, or the Hugging Face cache snapshot of an `org/name` id. Raises hub.NotCached."""
+        if self.is_preset():
+            return None
+        return hub.resolve_folder(self.name)
 
 
 class LoraSpec(_Section):
@@ -434,7 +448,7 @@ class JobSpec(_Section):
     """A whole finetuning job."""
 
     name: str = Field(min_length=1, max_length=128, description="Job name: shown in Slurm and logs; file names use a path-safe form of it.")
-    model: ModelSpec = Field(description="The model to finetune: preset or local folder, weights, dtype.")
+    model: ModelSpec = Field(description="The model to finetune: preset, local folder or cached Hub id; weights, dtype.")
     method: Literal["qlora", "lora", "full"] = Field(description="qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: all weights trained.")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA settings (qlora and lora).")
     quantization: QuantizationSpec = Field(QuantizationSpec(), description="4-bit settings (qlora).")
@@ -507,10 +521,11 @@ class JobSpec(_Section):
         return Path(self.training.output_dir.replace("{name}", self.slug()))
 
     def shape(self) -> catalog.ModelShape:
-        """The model's shape: a preset, or the folder's config.json."""
-        if self.model.is_preset():
+        """The model's shape: a preset, or the config.json of the folder (local or cached)."""
+        folder = self.model.folder()
+        if folder is None:
             return catalog.PRESETS[self.model.name]
-        return catalog.load_config_json(Path(self.model.name))
+        return catalog.load_config_json(folder)
 
 
 SLUG_MAX = 100
@@ -924,25 +939,7 @@ def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Opt
         found = datacheck.check_data_path(i, p, job.data.format)
         if found is not None:
             problems.append(f"{at(*found.key)}: {found.field}: {found.message}")
-    if not job.model.is_preset():
-        folder = Path(job.model.name)
-        if not folder.is_dir():
-            close = difflib.get_close_matches(job.model.name, catalog.PRESETS, n=1)
-            hint = f" (did you mean preset {close[0]!r}?)" if close else f"; presets: {', '.join(catalog.PRESETS)}"
-            problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} is neither a preset nor a folder{hint}")
-        else:
-            try:
-                catalog.load_config_json(folder)
-            except ValueError as exc:
-                problems.append(f"{at('model', 'name')}: model.name: {exc}")
-    if for_training and job.model.weights == "pretrained":
-        if job.model.is_preset():
-            problems.append(
-                f"{at('model', 'weights')}: model.weights: preset {job.model.name!r} comes without weights; "
-                "use weights: random, or set model.name to a local folder with weights"
-            )
-        elif Path(job.model.name).is_dir() and not catalog.has_weights(Path(job.model.name)):
-            problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
+    problems += _model_problems(job, for_training, at)
     if job.model.tokenizer is not None and not Path(job.model.tokenizer).is_dir():
         problems.append(f"{at('model', 'tokenizer')}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
     unknown_targets = _unknown_lora_targets(job)
@@ -970,6 +967,46 @@ def _unknown_lora_targets(job: JobSpec) -> str:
     what = "is not a linear layer" if len(unknown) == 1 else "are not linear layers"
     return (f"{', '.join(map(repr, unknown))} {what} of {job.model.name}'s decoder blocks{hint}; "
             f"they are: {', '.join(linears)} (or all-linear)")
+
+
+def _model_problems(job: JobSpec, for_training: bool, at: Callable[..., str]) -> list[str]:
+    """model.name resolves to a preset or a folder (local, or the Hugging Face cache snapshot of
+    an org/name id) with a supported config.json; the family runs with the chosen attention;
+    training from pretrained weights finds them."""
+    try:
+        folder = job.model.folder()
+    except hub.NotCached as exc:
+        return [f"{at('model', 'name')}: model.name: {exc}"]
+    if folder is None:
+        shape = catalog.PRESETS[job.model.name]
+    else:
+        if not folder.is_dir():
+            close = difflib.get_close_matches(job.model.name, catalog.PRESETS, n=1)
+            hint = f" (did you mean preset {close[0]!r}?)" if close else f"; presets: {', '.join(catalog.PRESETS)}"
+            return [f"{at('model', 'name')}: model.name: {job.model.name!r} is neither a preset nor a folder{hint}"]
+        try:
+            shape = catalog.load_config_json(folder)
+        except ValueError as exc:
+            return [f"{at('model', 'name')}: model.name: {exc}"]
+    problems = []
+    attn = job.model.attn_implementation
+    if attn == "sdpa" and not shape.family.sdpa:
+        problems.append(f"{at('model', 'attn_implementation')}: model.attn_implementation: {shape.model_type} cannot run "
+                        "with sdpa (transformers' sdpa has no attention-logit soft-capping); use eager or flash_attention_2")
+    if for_training and job.model.weights == "pretrained":
+        if folder is None:
+            problems.append(
+                f"{at('model', 'weights')}: model.weights: preset {job.model.name!r} comes without weights; "
+                "use weights: random, or set model.name to a local folder (or cached org/name) with weights"
+            )
+        elif shape.multimodal:
+            problems.append(
+                f"{at('model', 'weights')}: model.weights: {job.model.name!r} is a multimodal {shape.model_type} checkpoint; "
+                "orch trains its text decoder from random weights only (weights: random); for pretrained weights use a "
+                "text-only checkpoint (model_type gemma3_text)")
+        elif not catalog.has_weights(folder):
+            problems.append(f"{at('model', 'name')}: model.name: {job.model.name!r} has no *.safetensors or pytorch_model*.bin weights to train from")
+    return problems
 
 
 def _override_paths(overrides: list[str]) -> dict[tuple, str]:

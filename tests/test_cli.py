@@ -204,12 +204,14 @@ def test_models_lists_every_preset_with_shape() -> None:
     assert set(PRESET_NAMES) <= set(rows)
     for name in PRESET_NAMES:
         s = catalog.PRESETS[name]
-        _, params, layers, hidden, ffn, heads, kv, vocab, tied = rows[name]
-        assert [int(layers), int(hidden), int(ffn), int(heads), int(kv), int(vocab)] == [
+        _, family, params, layers, hidden, ffn, heads, kv, head_dim, vocab, tied, window = rows[name]
+        assert [int(layers), int(hidden), int(ffn), int(heads), int(kv), int(head_dim), int(vocab)] == [
             s.num_hidden_layers, s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_key_value_heads,
-            s.vocab_size]
+            s.head_dim_, s.vocab_size]
+        assert family == s.model_type
         assert tied == ("yes" if s.tie_word_embeddings else "no")
-        assert params == f"{s.num_params() / 1e9:.2f}B"
+        assert window == (str(s.sliding_window) if s.sliding_window else "-")
+        assert params == catalog.format_params(s.num_params())
 
 
 def test_models_small_model_not_zero_billion() -> None:
@@ -217,7 +219,7 @@ def test_models_small_model_not_zero_billion() -> None:
     res = run_orch("models")
     row = next(line for line in res.stdout.splitlines() if line.startswith("tiny-llama"))
     assert "0.00B" not in row
-    assert row.split()[1] == f"{catalog.PRESETS['tiny-llama'].num_params() / 1e6:.3f}M"
+    assert row.split()[2] == f"{catalog.PRESETS['tiny-llama'].num_params() / 1e6:.3f}M"
 
 
 def test_models_json() -> None:
