@@ -102,6 +102,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from orchestrator.checkpoint import CheckpointError
+
 STATE_FILE = "plain_engine.pt"
 """The one file PlainEngine writes into a checkpoint folder."""
 DEEPSPEED_STATE_FILE = "mp_rank_00_model_states.pt"
@@ -112,7 +114,8 @@ ENGINES = ("auto", "deepspeed", "plain")
 
 
 class EngineError(Exception):
-    """PlainEngine cannot run this job or load this checkpoint (one line)."""
+    """PlainEngine cannot run this job (one line). A checkpoint it cannot load raises
+    checkpoint.CheckpointError, which the trainer already reports."""
 
 
 @dataclass(frozen=True)
@@ -346,7 +349,7 @@ class PlainEngine:
         path = folder / STATE_FILE
         if not path.is_file():
             if (folder / DEEPSPEED_STATE_FILE).is_file():
-                raise EngineError(f"{folder}: written by the DeepSpeed engine, this run uses the plain engine; "
+                raise CheckpointError(f"{folder}: written by the DeepSpeed engine, this run uses the plain engine; "
                                   "resume it with training.engine=deepspeed")
             return None, None
         device = self.params[0].device
@@ -354,12 +357,12 @@ class PlainEngine:
         mine = (list(self.names), [list(p.shape) for p in self.params], str(self.config.dtype))
         saved = (state["names"], state["shapes"], state["dtype"])
         if state.get("format") != FORMAT or mine != saved:
-            raise EngineError(f"{path}: its trainable parameters (names, shapes or dtype) differ from this model's; "
+            raise CheckpointError(f"{path}: its trainable parameters (names, shapes or dtype) differ from this model's; "
                               "resume with the spec that wrote it")
         missing, unexpected = self.module.load_state_dict(state["module"], strict=load_module_strict)
         not_loaded = set(self.names) & set(missing)
         if not_loaded or unexpected:
-            raise EngineError(f"{path}: {len(not_loaded)} trainable weights missing, {len(unexpected)} unexpected")
+            raise CheckpointError(f"{path}: {len(not_loaded)} trainable weights missing, {len(unexpected)} unexpected")
         with torch.no_grad():
             if state["masters"] is not None:
                 torch._foreach_copy_(self.masters, state["masters"])

@@ -122,10 +122,18 @@ def test_deepspeed_checkpoint_is_refused_in_one_line(tmp_path):
     engine = _plain(job)
     (tmp_path / "step00000003").mkdir()
     (tmp_path / "step00000003" / E.DEEPSPEED_STATE_FILE).write_bytes(b"x")
-    with pytest.raises(E.EngineError, match=r"written by the DeepSpeed engine.*training.engine=deepspeed") as exc:
+    with pytest.raises(C.CheckpointError, match=r"written by the DeepSpeed engine.*training.engine=deepspeed") as exc:
         engine.load_checkpoint(tmp_path, tag="step00000003")
     assert "\n" not in str(exc.value)
     assert engine.load_checkpoint(tmp_path, tag="step00000009") == (None, None)  # nothing there: DeepSpeed's answer
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    engine = _plain(load_job(_job_path(tmp_path, "lora", "fp32", 1), for_training=True))
+    engine.save_checkpoint(tmp_path, tag="t", save_latest=False, exclude_frozen_parameters=True)
+    other = _plain(load_job(tiny_job(tmp_path, "r4", method="lora", lora={"r": 4}), for_training=True))
+    with pytest.raises(C.CheckpointError, match=r"trainable parameters \(names, shapes or dtype\) differ"):
+        other.load_checkpoint(tmp_path, tag="t", load_module_strict=False)
 
 
 def test_non_finite_gradient_skips_the_step(tmp_path):
