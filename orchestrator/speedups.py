@@ -12,8 +12,8 @@ Imported only by the trainer (torch). Three levers, each an option in the spec:
 
 ``training.compile`` (auto | true | false)
     `compile_decoder_layers`: ``torch.compile`` of every decoder layer in place
-    (regional compilation; auto: on for CUDA, off on the CPU, where inductor
-    compiles slowly and buys little). Measured on an H100 (issue 16): up to 1.33x
+    (regional compilation; auto: on for CUDA without ZeRO-3, off on the CPU,
+    where inductor compiles slowly and buys little). Measured on an H100 (issue 16): up to 1.33x
     for QLoRA 8B.
 
 ``model.attn_implementation: flex_attention``
@@ -120,10 +120,16 @@ class CompileError(Exception):
     """Compiled decoder layers fell back, or would fall back, to eager (one line)."""
 
 
-def compile_wanted(setting: Union[str, bool], device: torch.device) -> bool:
-    """``training.compile`` resolved for ``device``: auto compiles on CUDA only."""
+def compile_wanted(setting: Union[str, bool], device: torch.device, zero_stage: int) -> bool:
+    """``training.compile`` resolved: auto compiles on CUDA, unless ZeRO-3 partitions the parameters.
+
+    Under ZeRO-3 DeepSpeed gathers each linear layer's weight in hooks that run
+    inside the decoder layer; they would break the fullgraph trace (believed from
+    DeepSpeed marking its gather code ``torch.compiler.disable``; not run here),
+    so auto leaves compilation off there and ``true`` tries it.
+    """
     if setting == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and zero_stage < 3
     return bool(setting)
 
 

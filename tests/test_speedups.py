@@ -108,6 +108,8 @@ def test_layers_that_never_ran_compiled_are_detected(tmp_path):
 
 
 def test_compile_wanted():
-    assert S.compile_wanted("auto", torch.device("cuda", 0))
-    assert not S.compile_wanted("auto", CPU)
-    assert S.compile_wanted(True, CPU) and not S.compile_wanted(False, torch.device("cuda", 0))
+    cuda = torch.device("cuda", 0)
+    assert S.compile_wanted("auto", cuda, zero_stage=0) and S.compile_wanted("auto", cuda, zero_stage=2)
+    assert not S.compile_wanted("auto", cuda, zero_stage=3)  # ZeRO-3's gather hooks run inside the layers
+    assert not S.compile_wanted("auto", CPU, zero_stage=0)
+    assert S.compile_wanted(True, CPU, zero_stage=3) and not S.compile_wanted(False, cuda, zero_stage=0)
