@@ -191,6 +191,15 @@ def choose_engine(setting: str, config: dict) -> str:
     return "plain"
 
 
+def written_by(folder: Path) -> Optional[str]:
+    """Which engine wrote the checkpoint folder: 'plain', 'deepspeed', or None (neither's files)."""
+    if (folder / STATE_FILE).is_file():
+        return "plain"
+    if (folder / DEEPSPEED_STATE_FILE).is_file():
+        return "deepspeed"
+    return None
+
+
 def _adamw_kernel(device: torch.device) -> dict:
     """fused=True where PyTorch has the fused AdamW kernel for this device, else the foreach one."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
@@ -347,10 +356,10 @@ class PlainEngine:
             tag = latest.read_text().strip()
         folder = root / str(tag)
         path = folder / STATE_FILE
-        if not path.is_file():
-            if (folder / DEEPSPEED_STATE_FILE).is_file():
-                raise CheckpointError(f"{folder}: written by the DeepSpeed engine, this run uses the plain engine; "
+        if written_by(folder) == "deepspeed":
+            raise CheckpointError(f"{folder}: written by the DeepSpeed engine, this run uses the plain engine; "
                                   "resume it with training.engine=deepspeed")
+        if not path.is_file():
             return None, None
         device = self.params[0].device
         state = torch.load(path, map_location=device, weights_only=True)

@@ -126,6 +126,9 @@ def test_deepspeed_checkpoint_is_refused_in_one_line(tmp_path):
         engine.load_checkpoint(tmp_path, tag="step00000003")
     assert "\n" not in str(exc.value)
     assert engine.load_checkpoint(tmp_path, tag="step00000009") == (None, None)  # nothing there: DeepSpeed's answer
+    assert E.written_by(tmp_path / "step00000003") == "deepspeed"
+    engine.save_checkpoint(tmp_path, tag="mine", save_latest=False)
+    assert E.written_by(tmp_path / "mine") == "plain" and E.written_by(tmp_path / "step00000009") is None
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
