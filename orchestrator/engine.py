@@ -75,11 +75,16 @@ AdamW temporaries      0      0      fused kernel: none; foreach fallback (devic
 clipping               0      0      foreach norms: one scalar per tensor
 =====================  =====  =====  ====================================================
 
-So the persistent state is 14 (bf16) / 12 (fp32) bytes per trainable param plus
-the gradients while a step accumulates; the update adds 4 (bf16) / 0 (fp32).
-DeepSpeed stage 0 bf16 holds the same persistent state, but at the update it
-has all bf16 and all fp32 gradients at once (2 + 4) and its foreach AdamW
-allocates another 4: 10 vs 4 bytes per trainable param of step temporaries.
+So the persistent state is 14 (bf16) / 12 (fp32) bytes per trainable param,
+plus the gradients (2 / 4) from the first backward of a step to its update.
+During the update the gradient bytes peak at 4 (bf16: fp32 copies replacing
+the bf16 gradients) / 4 (fp32: the gradients themselves): in memory.py's terms
+(gradients counted separately) ``step_temp`` is 2 (bf16) / 0 (fp32) bytes per
+trainable param. DeepSpeed stage 0 holds the same persistent state, but at the
+update it has all bf16 and all fp32 gradients at once and its foreach AdamW
+allocates another fp32 tensor: ``step_temp`` 8 (bf16) / 4 (fp32), which is
+what memory.model_states counts for single_gpu today.
+
 Frozen parameters (the 4-bit or bf16 base under LoRA) cost only their storage:
 no gradient, master or moment. Checkpoints (``save_checkpoint``) are written
 from the device tensors by ``torch.save`` (it copies each tensor to host memory
@@ -90,7 +95,8 @@ weights, masters, optimizer and scheduler state, step counters, client state),
 in the same ``<root>/<tag>/`` folder DeepSpeed would use, so checkpoint.py's
 COMPLETE-marker protocol (it writes ``rng_rank<R>.pt`` and ``COMPLETE`` next to
 it) works unchanged. The formats differ: a DeepSpeed checkpoint does not load
-into PlainEngine and vice versa (``load_checkpoint`` says so in one line).
+into PlainEngine and vice versa; `written_by` tells which engine wrote a
+folder, so the trainer can say so in one line.
 """
 
 from __future__ import annotations
