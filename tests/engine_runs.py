@@ -46,10 +46,10 @@ class Curve:
     path does not keep it)."""
 
 
-def build(job: JobSpec) -> tuple[torch.nn.Module, dict]:
-    """orch's model for ``job`` on the CPU, wrapped in CausalLMLoss, and its single_gpu DeepSpeed config."""
+def build(job: JobSpec, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:
+    """orch's model for ``job`` on ``device``, wrapped in CausalLMLoss, and its single_gpu DeepSpeed config."""
     torch.manual_seed(job.training.seed)  # as the trainer does: PEFT initializes LoRA A from the global generator
-    loaded = M.load_model(job, "single_gpu", torch.device("cpu"), job.training.seed)
+    loaded = M.load_model(job, "single_gpu", device, job.training.seed)
     module = M.CausalLMLoss(loaded.model, loaded.base, job.training.loss_chunk_tokens)
     return module, build_ds_config(job, "single_gpu", job.shape(), job.training.max_steps)
 
@@ -71,9 +71,10 @@ def run(engine, job: JobSpec, steps: int, first_step: int = 0) -> Curve:
     curve = Curve()
     engine.train()
     for step in range(first_step, first_step + steps):
-        micro = [batch(step, m) for m in range(ga)]
+        device = next(engine.module.parameters()).device
+        micro = [tuple(t.to(device) for t in batch(step, m)) for m in range(ga)]
         tokens = sum(int((t != -100).sum()) for _, _, t in micro)
-        scale = torch.tensor(ga / tokens)
+        scale = torch.tensor(ga / tokens, device=device)
         curve.lrs.append(engine.get_lr()[0])
         total = 0.0
         for ids, pos, targets in micro:
@@ -87,7 +88,7 @@ def run(engine, job: JobSpec, steps: int, first_step: int = 0) -> Curve:
     return curve
 
 
-def deepspeed_engine(job: JobSpec, neutralize_init_step: bool):
+def deepspeed_engine(job: JobSpec, neutralize_init_step: bool, device: torch.device = torch.device("cpu")):
     """DeepSpeed's single_gpu engine for ``job`` (needs torch.distributed initialized).
 
     ``neutralize_init_step``: undo what DeepSpeed's bf16 stage-0 optimizer does when it is
@@ -96,7 +97,7 @@ def deepspeed_engine(job: JobSpec, neutralize_init_step: bool):
     """
     import deepspeed
 
-    module, config = build(job)
+    module, config = build(job, device)
     params = [p for p in module.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=config)
