@@ -112,8 +112,9 @@ from orchestrator.checkpoint import CheckpointError
 
 STATE_FILE = "plain_engine.pt"
 """The one file PlainEngine writes into a checkpoint folder."""
-DEEPSPEED_STATE_FILE = "mp_rank_00_model_states.pt"
-"""What DeepSpeed writes there (stage 0/1/2/3 all write it): recognized to give a clear error."""
+DEEPSPEED_STATE_FILES = "*mp_rank_*_model_states.pt"
+"""What DeepSpeed writes there: mp_rank_00_model_states.pt (stage 0-2) or
+zero_pp_rank_<R>_mp_rank_00_model_states.pt (stage 3); recognized to give a clear error."""
 FORMAT = 1
 ENGINES = ("auto", "deepspeed", "plain")
 """Values of training.engine."""
@@ -201,7 +202,7 @@ def written_by(folder: Path) -> Optional[str]:
     """Which engine wrote the checkpoint folder: 'plain', 'deepspeed', or None (neither's files)."""
     if (folder / STATE_FILE).is_file():
         return "plain"
-    if (folder / DEEPSPEED_STATE_FILE).is_file():
+    if any(folder.glob(DEEPSPEED_STATE_FILES)):
         return "deepspeed"
     return None
 

@@ -123,12 +123,15 @@ def test_deepspeed_checkpoint_is_refused_in_one_line(tmp_path):
     job = load_job(_job_path(tmp_path, "lora", "fp32", 1), for_training=True)
     engine = _plain(job)
     (tmp_path / "step00000003").mkdir()
-    (tmp_path / "step00000003" / E.DEEPSPEED_STATE_FILE).write_bytes(b"x")
+    (tmp_path / "step00000003" / "mp_rank_00_model_states.pt").write_bytes(b"x")  # stage 0-2
     with pytest.raises(C.CheckpointError, match=r"written by the DeepSpeed engine.*training.engine=deepspeed") as exc:
         engine.load_checkpoint(tmp_path, tag="step00000003")
     assert "\n" not in str(exc.value)
     assert engine.load_checkpoint(tmp_path, tag="step00000009") == (None, None)  # nothing there: DeepSpeed's answer
     assert E.written_by(tmp_path / "step00000003") == "deepspeed"
+    (tmp_path / "z3").mkdir()
+    (tmp_path / "z3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert E.written_by(tmp_path / "z3") == "deepspeed"
     engine.save_checkpoint(tmp_path, tag="mine", save_latest=False)
     assert E.written_by(tmp_path / "mine") == "plain" and E.written_by(tmp_path / "step00000009") is None
 
