@@ -94,9 +94,13 @@ def attn_implementation(job: JobSpec) -> str:
     """The attention kernel: the spec's choice, checked against what is installed.
 
     flash_attention_2 needs the flash-attn package, a CUDA device and bf16/fp16
-    (the spec already rejects fp32). sdpa is the default and always available.
+    (the spec already rejects fp32). flex_attention needs a GPU: PyTorch has no
+    CPU backward for it. sdpa is the default and always available.
     """
     impl = job.model.attn_implementation
+    if impl == "flex_attention" and not torch.cuda.is_available():
+        raise ModelError("model.attn_implementation: flex_attention trains only on a GPU (PyTorch has no CPU backward "
+                         "for it); use sdpa on the CPU")
     if impl == "flash_attention_2":
         import importlib.util
 

@@ -99,9 +99,11 @@ class ModelSpec(_Section):
         "with random weights, orch builds a byte-level tokenizer so nothing is downloaded.",
     )
     dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
         "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16. "
-        "Gemma-2 needs eager or flash_attention_2 (transformers' sdpa has no attention soft-capping)."
+        "Gemma-2 needs eager or flash_attention_2 (transformers' sdpa has no attention soft-capping). "
+        "flex_attention (GPU only) keeps packed examples apart with a block-sparse mask instead of sdpa's dense "
+        "micro_batch x seq_len^2 one.",
     )
 
     @field_validator("name", "tokenizer")
@@ -217,6 +219,15 @@ class TrainingSpec(_Section):
         "for the whole vocabulary exist for one chunk only; 0 computes all logits at once (more memory).",
     )
     save_every: int = Field(0, ge=0, le=MAX_COUNT, description="Checkpoint every N optimizer steps (0: only at the end).")
+    compile: Union[Literal["auto"], bool] = Field(
+        "auto", description="torch.compile each decoder layer (one compiled graph shared by all layers): faster steps "
+        "after a compile of about a minute at the start. auto: on for CUDA GPUs, off on the CPU.",
+    )
+    engine: Literal["auto", "deepspeed", "plain"] = Field(
+        "auto", description="Training engine. plain: PyTorch only, for strategy single_gpu in bf16/fp32 (same "
+        "arithmetic as DeepSpeed's stage 0, less overhead per step); deepspeed: DeepSpeed's engine; auto: plain where "
+        "it can run, else deepspeed. Resume with the engine that wrote the checkpoint.",
+    )
     output_dir: str = Field("runs/{name}", description="Where checkpoints, adapters and metrics go; {name} is the job name made safe for paths.")
 
     @field_validator("micro_batch_size")
@@ -489,6 +500,13 @@ class JobSpec(_Section):
         if self.model.attn_implementation == "flash_attention_2" and self.model.dtype == "fp32":
             raise ValueError("model.attn_implementation: flash_attention_2 needs model.dtype bf16 or fp16")
         self._check_bf16()
+        if self.training.engine == "plain":
+            if self.model.dtype == "fp16":
+                raise ValueError("training.engine: plain runs model.dtype bf16 or fp32 (fp16 needs DeepSpeed's loss "
+                                 "scaling); use auto or deepspeed")
+            if world != 1 or self.strategy not in ("auto", "single_gpu"):
+                raise ValueError(f"training.engine: plain runs strategy single_gpu on 1 GPU only (here strategy "
+                                 f"{self.strategy} on {world}); use auto or deepspeed")
         return self
 
     def _check_bf16(self) -> None:

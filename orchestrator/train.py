@@ -4,7 +4,9 @@ One recipe, four phases (`Trainer.setup`, `train`, `save`, `finish`):
 
 setup   distributed init (one device per rank: ``cuda:<local_rank>`` or the CPU),
         tokenizer, tokenized rows (cached), model (loaded/built and quantized on
-        this rank's device, LoRA added), DeepSpeed engine, resume.
+        this rank's device, LoRA added), engine (DeepSpeed's, or PlainEngine on
+        one device: training.engine), compiled decoder layers (training.compile),
+        resume.
 train   optimizer steps of grad_accum micro batches; the loss is the sum of token
         losses over all loss tokens of the step (exact for any process count);
         logging every ``log_every`` steps; checkpoints every ``save_every``.
@@ -106,6 +108,9 @@ class Trainer:
         self.saved_step = -1
         self.last_loss: Optional[float] = None
         self.tokens_per_s: Optional[float] = None
+        self.engine_kind = "deepspeed"  # or "plain" (training.engine, chosen in _build_engine)
+        self.compiled = None  # speedups.CompiledLayers when training.compile is on
+        self.compiled_variants: Optional[int] = None  # compiled graphs of the decoder layers, after the first step
 
     # ------------------------------------------------------------------ setup
 
@@ -224,10 +229,26 @@ class Trainer:
     def _build_engine(self) -> None:
         import deepspeed
 
+        from orchestrator import engine as E
+        from orchestrator import speedups as S
+
         torch = self.torch
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params,
-                                                    config=self.deepspeed_config)
+        try:
+            self.engine_kind = E.choose_engine(self.job.training.engine, self.deepspeed_config)
+            if self.engine_kind == "plain":
+                self.engine = E.PlainEngine(self.module, E.EngineConfig.from_deepspeed(self.deepspeed_config))
+        except E.EngineError as exc:
+            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        if self.engine_kind == "deepspeed":
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params,
+                                                        config=self.deepspeed_config)
+        stage = self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        if S.compile_wanted(self.job.training.compile, self.device, stage):
+            try:
+                self.compiled = S.compile_decoder_layers(self.loaded.base.model.layers)
+            except S.CompileError as exc:
+                raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
         self.memory.cpu_rss_after_load = _rss()
         self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
             self.memory.quantized_bytes_full = param_bytes(self.module)
@@ -244,6 +265,13 @@ class Trainer:
             if self.is_main:
                 print(f"orch: no complete checkpoint in {self.ckpt_root}; starting from step 0", file=sys.stderr)
             return
+        from orchestrator import engine as E
+
+        written = E.written_by(info.path)
+        # (a checkpoint of another process count gets C.load's error first: no engine can resume it here)
+        if written is not None and written != self.engine_kind and info.world_size == self.world:
+            raise TrainError(f"{info.path}: written by the {written} engine, this run uses the {self.engine_kind} "
+                             f"engine; resume it with training.engine={written}", EXIT_TRAIN_FAILED)
         try:
             client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method == "full")
         except C.CheckpointError as exc:
@@ -289,6 +317,8 @@ class Trainer:
         return {k: self.torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
 
     def train(self) -> None:
+        from orchestrator import speedups as S
+
         torch = self.torch
         job = self.job
         ga = job.grad_accum()
@@ -321,10 +351,17 @@ class Trainer:
                     self.engine.backward(loss)
                     self.engine.step()
                     acc += loss.detach().float()
+                if self.compiled is not None and self.compiled_variants is None:
+                    # after the first step: the decoder layers must have run compiled code
+                    self.compiled_variants = S.check_compiled(self.compiled)
             except torch.cuda.OutOfMemoryError:
                 if bar is not None:
                     bar.close()  # ends the progress line, so the error is a line of its own
                 raise TrainError(self.oom_message(), EXIT_TRAIN_FAILED) from None
+            except S.CompileError as exc:  # graph break, recompile limit, or layers that never ran compiled
+                if bar is not None:
+                    bar.close()
+                raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
             self.step += 1
             window_tokens += self.batcher.step_tokens(step)
             if self.step % log_every == 0 or self.step == self.total_steps:
@@ -508,6 +545,7 @@ class Trainer:
             err = round(100.0 * (peak - pred[0]) / pred[0], 2)
         return {
             "job": self.job.name, "strategy": self.strategy, "world_size": self.world, "steps": self.step,
+            "engine": self.engine_kind, "compiled_variants": self.compiled_variants,
             "final_loss": self.last_loss, "tokens_per_s": self.tokens_per_s,
             "device": "cuda" if self.cuda else "cpu",
             "load_peak_bytes": top("load_peak_allocated"), "peak_allocated_bytes": peak,

@@ -195,6 +195,13 @@ CASES = [
     Case("neither_steps_nor_epochs", sub("  max_steps: 5\n", ""), "training.max_steps", "training:", "exactly one"),
     Case("flash_attention_fp32", sub("dtype: fp32", "dtype: fp32\n  attn_implementation: flash_attention_2"),
          "model.attn_implementation", "attn_implementation", "bf16 or fp16"),
+    Case("plain_engine_fp16", sub("dtype: fp32", "dtype: fp16").replace("max_steps: 5", "max_steps: 5\n  engine: plain"),
+         "training.engine", "engine: plain", "bf16 or fp32"),
+    Case("plain_engine_zero3", sub("max_steps: 5", "max_steps: 5\n  engine: plain") + "strategy: zero3\n",
+         "training.engine", "engine: plain", "single_gpu on 1 GPU only (here strategy zero3 on 1)"),
+    Case("bad_engine", sub("max_steps: 5", "max_steps: 5\n  engine: fast"), "training.engine", "engine: fast",
+         "'auto', 'deepspeed' or 'plain'"),
+    Case("compile_yes", sub("max_steps: 5", "max_steps: 5\n  compile: 'yes'"), "training.compile", "compile:", "auto"),
     Case("missing_section", sub("data:\n  paths: [data.jsonl]\n  format: text\n  seq_len: 64\n", ""), "data", None,
          "required field is missing"),
     # text that would break one-line output or generated scripts

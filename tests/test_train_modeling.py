@@ -139,3 +139,12 @@ def test_pretrained_folder_loads_quantized_with_bitsandbytes(tmp_path):
     assert not isinstance(loaded.base.lm_head, bnb.nn.Linear4bit)  # skip_modules: [lm_head]
     ids = torch.randint(0, 259, (1, 8))
     assert torch.isfinite(loaded.model(input_ids=ids).logits).all()
+
+
+def test_flex_attention_is_refused_on_the_cpu(tmp_path, monkeypatch):
+    job = _job(tmp_path, method="lora", model={"attn_implementation": "flex_attention"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.ModelError, match=r"^model.attn_implementation: flex_attention trains only on a GPU"):
+        M.load_model(job, "single_gpu", CPU, seed=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU side of the switch: accepted
+    assert M.attn_implementation(job) == "flex_attention"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import check, losses, metrics, out_dir, run_trainer, summary, tiny_job
+from tests.train_helpers import check, loss_parity, losses, metrics, out_dir, run_trainer, summary, tiny_job
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +70,6 @@ def qlora_z3(tmp_path_factory):
     return _run(tmp_path_factory, "qloraz3", 2, strategy="zero3", training={"save_every": 3}, **QLORA)
 
 
-def _parity(a: Path, b: Path, rtol: float) -> float:
-    la, lb = losses(out_dir(a)), losses(out_dir(b))
-    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
-    worst = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
-    print(f"max relative loss difference {a.stem} vs {b.stem}: {worst:.3g}")
-    assert worst <= rtol, (la, lb)
-    return worst
-
-
 def test_full_single_process_loss_goes_down_and_outputs(full_1):
     out = out_dir(full_1)
     l = losses(out)
@@ -98,11 +89,11 @@ def test_full_single_process_loss_goes_down_and_outputs(full_1):
 
 
 def test_full_zero2_matches_single_process(full_1, full_z2):
-    _parity(full_1, full_z2, PARITY_RTOL)
+    loss_parity(full_1, full_z2, PARITY_RTOL)
 
 
 def test_full_zero3_matches_single_process(full_1, full_z3):
-    _parity(full_1, full_z3, PARITY_RTOL)
+    loss_parity(full_1, full_z3, PARITY_RTOL)
     s = summary(out_dir(full_z3))
     for r in s["per_rank"]:  # ZeRO-3: each of 2 ranks holds half of the parameters
         assert r["params_bytes_local"] == pytest.approx(r["params_bytes_full"] / 2, rel=0.01)
@@ -110,16 +101,16 @@ def test_full_zero3_matches_single_process(full_1, full_z3):
 
 def test_full_zero3_offload_optimizer_matches(tmp_path_factory, full_1):
     job = _run(tmp_path_factory, "fullz3off", 2, strategy="zero3_offload_optimizer")
-    _parity(full_1, job, OFFLOAD_RTOL)
+    loss_parity(full_1, job, OFFLOAD_RTOL)
 
 
 def test_qlora_zero2_matches_single_process(tmp_path_factory, qlora_1):
     job = _run(tmp_path_factory, "qloraz2", 2, strategy="zero2", **QLORA)
-    _parity(qlora_1, job, PARITY_RTOL)
+    loss_parity(qlora_1, job, PARITY_RTOL)
 
 
 def test_qlora_zero3_matches_single_process_and_shards_4bit(qlora_1, qlora_z3):
-    _parity(qlora_1, qlora_z3, PARITY_RTOL)
+    loss_parity(qlora_1, qlora_z3, PARITY_RTOL)
     s = summary(out_dir(qlora_z3))
     for r in s["per_rank"]:
         assert r["quantized_bytes_full"] > 0
@@ -317,7 +308,7 @@ def test_pretrained_zero3_loads_partitioned_and_matches(tmp_path):
     z3 = tiny_job(tmp_path / "b", "prez3", strategy="zero3", **pre)
     check(run_trainer(one, 1))
     check(run_trainer(z3, 2))
-    _parity(one, z3, PARITY_RTOL)
+    loss_parity(one, z3, PARITY_RTOL)
     for r in summary(out_dir(z3))["per_rank"]:
         assert r["params_bytes_full"] == full
         assert r["params_bytes_local_built"] == local

@@ -106,6 +106,16 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out)}
 
 
+def loss_parity(a: Path, b: Path, rtol: float) -> float:
+    """The max relative difference of two finished 6-step runs' loss curves (jobs ``a``, ``b``); asserts it is <= rtol."""
+    la, lb = losses(out_dir(a)), losses(out_dir(b))
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
+    worst = max(abs(la[s] - lb[s]) / abs(la[s]) for s in la)
+    print(f"max relative loss difference {a.stem} vs {b.stem}: {worst:.3g}")
+    assert worst <= rtol, (la, lb)
+    return worst
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
