@@ -244,12 +244,6 @@ class ModelShape:
         return cfg
 
 
-def _llama3(h: int, i: int, n: int, heads: int, vocab: int = 128256, tie: bool = False, head_dim: int = 0) -> ModelShape:
-    return ModelShape("llama", h, i, n, heads, 8, vocab, tie, head_dim=head_dim,
-                      max_position_embeddings=131072, rope_theta=500000.0)
-
-
-# Shapes from each model's published config.json.
 # Presets of the families added for issue 15, in keyword form. Each value is copied from the
 # config.json of the Hugging Face repo named in ``source`` (for a multimodal one, its
 # text_config); what no field carries (RoPE scaling, token ids) changes no shape or memory.
@@ -285,25 +279,57 @@ FAMILY_PRESETS: dict[str, ModelShape] = {
 }
 
 
+# The presets: shapes copied from each model's published config.json; ``source`` names the Hugging Face
+# repo. Fields left out take the ModelShape defaults (untied, no attention bias, head_dim = hidden / heads).
 PRESETS: dict[str, ModelShape] = {
-    "llama3-1b": _llama3(2048, 8192, 16, 32, tie=True, head_dim=64),  # Llama-3.2-1B
-    "llama3-3b": _llama3(3072, 8192, 28, 24, tie=True, head_dim=128),  # Llama-3.2-3B
-    "llama3-8b": _llama3(4096, 14336, 32, 32),  # Llama-3.1-8B
-    "llama3-70b": _llama3(8192, 28672, 80, 64),  # Llama-3.1-70B
-    "llama3-405b": _llama3(16384, 53248, 126, 128),  # Llama-3.1-405B
-    "llama2-7b": ModelShape("llama", 4096, 11008, 32, 32, 32, 32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama2-13b": ModelShape("llama", 5120, 13824, 40, 40, 40, 32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    # Mistral-7B-v0.3 (v0.1 differs only in vocab_size 32000 and rope_theta).
-    "mistral-7b": ModelShape("mistral", 4096, 14336, 32, 32, 8, 32768, max_position_embeddings=32768, rope_theta=1e6),
-    "qwen2.5-7b": ModelShape("qwen2", 3584, 18944, 28, 28, 4, 152064, attention_bias=True,
-                             max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
-    "qwen2.5-72b": ModelShape("qwen2", 8192, 29568, 80, 64, 8, 152064, attention_bias=True,
-                              max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3-1b": ModelShape(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64,
+        max_position_embeddings=131072, rope_theta=500000.0, source="meta-llama/Llama-3.2-1B"),
+    "llama3-3b": ModelShape(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=128,
+        max_position_embeddings=131072, rope_theta=500000.0, source="meta-llama/Llama-3.2-3B"),
+    "llama3-8b": ModelShape(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        source="meta-llama/Llama-3.1-8B"),
+    "llama3-70b": ModelShape(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        source="meta-llama/Llama-3.1-70B"),
+    "llama3-405b": ModelShape(
+        model_type="llama", hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        source="meta-llama/Llama-3.1-405B"),
+    "llama2-7b": ModelShape(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        source="meta-llama/Llama-2-7b-hf"),
+    "llama2-13b": ModelShape(
+        model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        source="meta-llama/Llama-2-13b-hf"),
+    # v0.3; v0.1 differs only in vocab_size 32000 and rope_theta.
+    "mistral-7b": ModelShape(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32768, max_position_embeddings=32768, rope_theta=1e6,
+        source="mistralai/Mistral-7B-v0.3"),
+    "qwen2.5-7b": ModelShape(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, attention_bias=True, max_position_embeddings=131072,
+        rope_theta=1e6, rms_norm_eps=1e-6, source="Qwen/Qwen2.5-7B"),
+    "qwen2.5-72b": ModelShape(
+        model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=152064, attention_bias=True, max_position_embeddings=131072,
+        rope_theta=1e6, rms_norm_eps=1e-6, source="Qwen/Qwen2.5-72B"),
     **FAMILY_PRESETS,
     # Not a published model: a 2-layer Llama for CPU demos and tests. Every width is a multiple
     # of 64, like real models': bitsandbytes' CPU 4-bit kernels need whole quantization blocks
     # per row (modeling.check_cpu_4bit_shapes), and its AVX512-BF16 layout multiples of 32.
-    "tiny-llama": ModelShape("llama", 64, 192, 2, 4, 2, 512, max_position_embeddings=2048),
+    "tiny-llama": ModelShape(
+        model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, source="orch (test model)"),
 }
 
 
