@@ -151,8 +151,6 @@ def build_compiled(job, args: argparse.Namespace):
         return compiler.build(job, args.out, compile_options(args))
     except planner.NoFitError as exc:
         raise OrchError(f"{args.job}: no strategy fits: {exc}", Exit.NO_FIT) from None
-    except compiler.CompileError as exc:
-        raise OrchError(f"{args.job}: {exc}", Exit.BAD_SPEC) from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
