@@ -28,11 +28,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from orchestrator.errors import Exit, OrchError
+
 MARKER = "COMPLETE"
 
 
-class CheckpointError(Exception):
+class CheckpointError(OrchError):
     """A checkpoint cannot be used (one line)."""
+
+    code = Exit.TRAIN_FAILED
 
 
 def tag_for(step: int) -> str:

@@ -1,37 +1,19 @@
 """`orch`: plan, compile and launch finetuning jobs.
 
 Each subcommand imports only what it needs, so `orch plan` never imports torch.
-Errors are one line on stderr with a named exit code; `--debug` shows the traceback.
+Errors are one line on stderr with a named exit code (orchestrator.errors); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import os
 import select
 import sys
 from typing import Callable, Optional, Sequence
 
-
-class Exit(enum.IntEnum):
-    OK = 0
-    ERROR = 1  # unexpected failure (a bug, or a library error); --debug shows where
-    BAD_SPEC = 2  # the job spec, an override or a command-line argument is wrong
-    NO_FIT = 3  # `orch plan`: no strategy fits the hardware
-    SUBMIT_FAILED = 4  # sbatch (or the local launcher) refused or failed
-    TRAIN_FAILED = 5  # the trainer stopped with an error (OOM included)
-    INTERRUPTED = 130
-    BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`orch models | head`)
-
-
-class OrchError(Exception):
-    """An expected failure: printed as one line, exits with ``code``."""
-
-    def __init__(self, message: str, code: Exit = Exit.ERROR):
-        super().__init__(message)
-        self.code = code
+from orchestrator.errors import Exit, OrchError, format_error, print_error
 
 
 EPILOG = """\
@@ -63,13 +45,10 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, for_training: bool = False):
-    from orchestrator.spec import SpecError, load_job
+    from orchestrator.spec import load_job
 
     warnings: list[str] = []
-    try:
-        job = load_job(args.job, args.overrides, for_training=for_training, warnings=warnings)
-    except SpecError as exc:
-        raise OrchError(str(exc), Exit.BAD_SPEC) from None
+    job = load_job(args.job, args.overrides, for_training=for_training, warnings=warnings)
     for line in warnings:
         print(f"orch: warning: {line}", file=sys.stderr)
     return job
@@ -128,60 +107,56 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return Exit.OK if result.chosen else Exit.NO_FIT
 
 
-def compile_options(args: argparse.Namespace):
-    from orchestrator.compiler import CompileOptions
+def _compile(job, args: argparse.Namespace):
+    """`compile`'s and `submit`'s outputs in memory (nothing written); no fit names the job file."""
+    from orchestrator import compiler, planner
 
-    return CompileOptions(portable=args.portable, python=args.python)
+    options = compiler.CompileOptions(portable=args.portable, python=args.python)
+    try:
+        return compiler.build(job, args.out, options)
+    except planner.NoFitError as exc:
+        raise planner.NoFitError(f"{args.job}: no strategy fits: {exc}") from None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from orchestrator import compiler
 
     job = _load(args)
-    for path in compiler.write(build_compiled(job, args)):
+    for path in compiler.write(_compile(job, args)):
         print(f"wrote {path}")
     return Exit.OK
-
-
-def build_compiled(job, args: argparse.Namespace):
-    """Compile in memory (nothing written), with failures as one-line errors."""
-    from orchestrator import compiler, planner
-
-    try:
-        return compiler.build(job, args.out, compile_options(args))
-    except planner.NoFitError as exc:
-        raise OrchError(f"{args.job}: no strategy fits: {exc}", Exit.NO_FIT) from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
     job = _load(args, for_training=not args.dry_run)
-    return submit.submit(job, args)
+    options = submit.SubmitOptions(dry_run=args.dry_run, local=args.local, resume=args.resume)
+    return submit.submit(_compile(job, args), options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator import train
 
-    return train.main_from_cli(args)
+    return train.run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
-    return submit.status(args)
+    return submit.status(args.job_id)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
-    return submit.cancel(args)
+    return submit.cancel(args.job_id)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
-    return submit.logs(args)
+    return submit.logs(args.job_id, follow=args.follow)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,8 +271,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except OrchError as exc:
         if args.debug:
             raise
-        for line in str(exc).splitlines() or [""]:
-            print(f"orch: error: {line}", file=sys.stderr)
+        print_error(exc)
         return int(exc.code)
     except KeyboardInterrupt:
         print("orch: interrupted", file=sys.stderr)
@@ -308,13 +282,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if args.debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"orch: error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(format_error(f"{type(exc).__name__}: {first} (run with --debug for the traceback)"), file=sys.stderr)
         return Exit.ERROR
 
 
 if __name__ == "__main__":
-    # Run the copy imported as orchestrator.cli, not this __main__ one: other modules
-    # raise orchestrator.cli.OrchError, which must be the class main() catches.
-    from orchestrator.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from orchestrator.datacheck import row_problem
+from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
 
 CACHE_VERSION = 1
@@ -52,8 +53,10 @@ BYTE_CHAT_TEMPLATE = (
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-class DataError(Exception):
+class DataError(OrchError):
     """A user-facing data problem (one line, names the file or field)."""
+
+    code = Exit.BAD_SPEC
 
 
 # ---------------------------------------------------------------------------

@@ -109,6 +109,7 @@ import torch
 from torch import nn
 
 from orchestrator.checkpoint import CheckpointError
+from orchestrator.errors import Exit, OrchError
 
 STATE_FILE = "plain_engine.pt"
 """The one file PlainEngine writes into a checkpoint folder."""
@@ -120,9 +121,11 @@ ENGINES = ("auto", "deepspeed", "plain")
 """Values of training.engine."""
 
 
-class EngineError(Exception):
+class EngineError(OrchError):
     """PlainEngine cannot run this job (one line). A checkpoint it cannot load raises
     checkpoint.CheckpointError, which the trainer already reports."""
+
+    code = Exit.BAD_SPEC
 
 
 @dataclass(frozen=True)

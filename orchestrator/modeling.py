@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from orchestrator.catalog import FAMILIES
+from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
@@ -47,8 +48,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-class ModelError(Exception):
+class ModelError(OrchError):
     """A user-facing problem loading the model (one line)."""
+
+    code = Exit.BAD_SPEC
 
 
 @dataclass

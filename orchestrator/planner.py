@@ -19,6 +19,7 @@ from typing import Optional
 from orchestrator import memory
 from orchestrator.catalog import GIB, ModelShape
 from orchestrator.deepspeed_config import ZERO_STAGE, offload_devices
+from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import STRATEGIES, JobSpec, SpecError, with_overrides
 
 GPU_HEADROOM = 0.05
@@ -119,8 +120,10 @@ class SpeedModel:
 SPEED = SpeedModel()
 
 
-class NoFitError(Exception):
+class NoFitError(OrchError):
     """No strategy fits the job on its hardware (the message says what to change)."""
+
+    code = Exit.NO_FIT
 
 
 @dataclass

@@ -14,13 +14,17 @@ from pathlib import Path
 
 from orchestrator import memory
 from orchestrator.deepspeed_config import ZERO_STAGE
+from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
 
 FP32 = 4
 
 
-class PreflightError(Exception):
-    """The environment cannot run this job (one line, naming the path)."""
+class PreflightError(OrchError):
+    """The environment cannot run this job (one line, naming the path). At submit time that is a
+    failed submit; the trainer, which checks again on its node, exits BAD_SPEC instead (see train.run)."""
+
+    code = Exit.SUBMIT_FAILED
 
 
 def checkpoint_bytes(job: JobSpec, strategy: str) -> int:

@@ -24,7 +24,7 @@ delivers it to every process of the step on every node. The launcher processes
 (runner, launch) inherit SIG_IGN for USR1 from the task shell, so they keep
 running; each trainer rank installs its own SIGUSR1 handler (which replaces the
 inherited SIG_IGN), saves a checkpoint at the next step boundary and exits with
-status 75; the node task turns that into a mark file (and exit 0, so that
+status 75 (errors.Exit.REQUEUE); the node task turns that into a mark file (and exit 0, so that
 srun's --kill-on-bad-exit leaves the other nodes alone); the batch shell sees
 the mark when srun ends, runs ``scontrol requeue`` and the rerun (SLURM_RESTART_COUNT > 0) passes ``--resume``. A
 trainer that finished all its steps before the signal exits 0: no requeue.
@@ -35,6 +35,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from orchestrator.errors import Exit
 from orchestrator.spec import JobSpec
 
 # Ports for the rendezvous: 20000 + job id % 20000 stays clear of the
@@ -42,11 +43,6 @@ from orchestrator.spec import JobSpec
 # that share a node.
 PORT_BASE = 20000
 PORT_SPAN = 20000
-
-# The trainer's exit status after it saved a checkpoint because of SIGUSR1/SIGTERM
-# (EX_TEMPFAIL; orchestrator.train.EXIT_REQUEUE): the batch script requeues on it.
-EXIT_REQUEUE = 75
-
 
 @dataclass(frozen=True)
 class SbatchPaths:
@@ -145,9 +141,9 @@ _NODE_TASK = (
     '--num_gpus "$ORCH_GPUS_PER_NODE" '
     '--master_addr "$ORCH_MASTER_ADDR" --master_port "$ORCH_MASTER_PORT" '
     '--module "$ORCH_MODULE" --job "$ORCH_JOB_YAML" --ds-config "$ORCH_DS_CONFIG" ${ORCH_RESUME:+--resume}; '
-    # 75 = checkpoint written, requeue me: leave a mark and exit 0, so that
+    # Exit.REQUEUE = checkpoint written, requeue me: leave a mark and exit 0, so that
     # srun --kill-on-bad-exit does not kill the other nodes while they save.
-    f'rc=$?; if [ "$rc" -eq {EXIT_REQUEUE} ]; then : > "$ORCH_REQUEUE_MARK"; rc=0; fi; exit "$rc"'
+    f'rc=$?; if [ "$rc" -eq {int(Exit.REQUEUE)} ]; then : > "$ORCH_REQUEUE_MARK"; rc=0; fi; exit "$rc"'
 )
 
 
@@ -221,7 +217,7 @@ def render_sbatch(job: JobSpec, strategy: str, paths: SbatchPaths) -> str:
         '  kill -0 "$orch_srun_pid" 2>/dev/null || break',
         "done",
         'rm -f "$ORCH_HOSTFILE"',
-        f"# A trainer that wrote a checkpoint on USR1/TERM exits {EXIT_REQUEUE}; its node task left the mark.",
+        f"# A trainer that wrote a checkpoint on USR1/TERM exits {int(Exit.REQUEUE)}; its node task left the mark.",
         'if [[ -f "$ORCH_REQUEUE_MARK" ]]; then',
         '  rm -f "$ORCH_REQUEUE_MARK"',
         '  echo "orch: checkpoint written (USR1 received: $orch_preempted); requeueing job $SLURM_JOB_ID" >&2',

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from orchestrator import catalog, datacheck, hub
+from orchestrator.errors import Exit, OrchError
 
 Strategy = Literal[
     "single_gpu",
@@ -52,8 +53,10 @@ _ONE_LINE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]*")
 MAX_COUNT = 2**31 - 1
 
 
-class SpecError(Exception):
+class SpecError(OrchError):
     """A problem with a job spec. ``str()`` is one line per problem."""
+
+    code = Exit.BAD_SPEC
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))

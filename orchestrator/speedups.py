@@ -112,12 +112,16 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from orchestrator.errors import Exit, OrchError
+
 RECOMPILE_LIMIT = 8
 """Compiled variants allowed per decoder-layer code object (see the module docstring)."""
 
 
-class CompileError(Exception):
+class CompileError(OrchError):
     """Compiled decoder layers fell back, or would fall back, to eager (one line)."""
+
+    code = Exit.TRAIN_FAILED
 
 
 def compile_wanted(setting: Union[str, bool], device: torch.device, zero_stage: int) -> bool:

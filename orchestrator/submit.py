@@ -16,45 +16,51 @@ launcher inherits it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+from orchestrator.compiler import Compiled
+from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
 
 
-def _cli():
-    # Late import: cli imports this module lazily too.
-    from orchestrator import cli
+@dataclass(frozen=True)
+class SubmitOptions:
+    """What `orch submit` does with a compiled job."""
 
-    return cli
+    dry_run: bool = False
+    """Print the plan summary and the script; write and submit nothing."""
+    local: bool = False
+    """Train on this machine through the deepspeed launcher instead of sbatch."""
+    resume: bool = False
+    """--local: continue from the latest complete checkpoint (a Slurm requeue resumes by itself)."""
 
 
 def _need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        cli = _cli()
-        raise cli.OrchError(f"{tool} not found on PATH: run on a Slurm login node, or use --local to train here",
-                            cli.Exit.SUBMIT_FAILED)
+        raise OrchError(f"{tool} not found on PATH: run on a Slurm login node, or use --local to train here",
+                        Exit.SUBMIT_FAILED)
     return path
 
 
 def _run_slurm(argv: list[str]) -> str:
     """Run a Slurm client; its error becomes one line."""
-    cli = _cli()
     _need(argv[0])
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit status {proc.returncode}"
-        raise cli.OrchError(f"{argv[0]} failed: {msg}", cli.Exit.SUBMIT_FAILED)
+        raise OrchError(f"{argv[0]} failed: {msg}", Exit.SUBMIT_FAILED)
     return proc.stdout
 
 
-def plan_summary(compiled) -> str:
+def plan_summary(compiled: Compiled) -> str:
     job: JobSpec = compiled.job
     t, hw = job.training, job.hardware
     return "\n".join([
@@ -69,17 +75,16 @@ def plan_summary(compiled) -> str:
     ])
 
 
-def submit(job: JobSpec, args: argparse.Namespace) -> int:
-    cli = _cli()
-    compiled = cli.build_compiled(job, args)
-    if args.dry_run:
+def submit(compiled: Compiled, options: SubmitOptions) -> int:
+    """Submit ``compiled`` with sbatch, or as ``options`` say (print it, or train here)."""
+    if options.dry_run:
         print(plan_summary(compiled))
         print()
         print(compiled.sbatch, end="")
-        return cli.Exit.OK
+        return Exit.OK
     preflight(compiled)
-    if args.local:
-        return run_local(compiled, resume=args.resume)
+    if options.local:
+        return run_local(compiled, resume=options.resume)
     from orchestrator import compiler
 
     _need("sbatch")
@@ -91,21 +96,17 @@ def submit(job: JobSpec, args: argparse.Namespace) -> int:
 
     print(f"submitted job {job_id}")
     print(f"log: {log_file(compiled.job, compiled.paths, job_id)}")
-    return cli.Exit.OK
+    return Exit.OK
 
 
-def preflight(compiled) -> None:
+def preflight(compiled: Compiled) -> None:
     """The output dir is writable and has room for a checkpoint: fail here, not after the queue wait."""
     from orchestrator import preflight as P
 
-    cli = _cli()
-    try:
-        P.check_output_dir(compiled.job.output_dir(), P.checkpoint_bytes(compiled.job, compiled.strategy))
-    except P.PreflightError as exc:
-        raise cli.OrchError(str(exc), cli.Exit.SUBMIT_FAILED) from None
+    P.check_output_dir(compiled.job.output_dir(), P.checkpoint_bytes(compiled.job, compiled.strategy))
 
 
-def local_command(compiled, resume: bool, port: int) -> list[str]:
+def local_command(compiled: Compiled, resume: bool, port: int) -> list[str]:
     """The deepspeed launcher command for a one-node run here (argv, no shell)."""
     hw = compiled.job.hardware
     cmd = [
@@ -117,13 +118,12 @@ def local_command(compiled, resume: bool, port: int) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
-def run_local(compiled, resume: bool) -> int:
-    cli = _cli()
+def run_local(compiled: Compiled, resume: bool) -> int:
     from orchestrator import compiler
 
     if compiled.job.hardware.nodes != 1:
-        raise cli.OrchError(f"--local runs on this one machine: set hardware.nodes=1 (got {compiled.job.hardware.nodes})",
-                            cli.Exit.BAD_SPEC)
+        raise OrchError(f"--local runs on this one machine: set hardware.nodes=1 (got {compiled.job.hardware.nodes})",
+                        Exit.BAD_SPEC)
     compiler.write(compiled)
     # A port per process id: two local runs do not collide, and no socket probing.
     port = 29500 + os.getpid() % 1000
@@ -131,23 +131,24 @@ def run_local(compiled, resume: bool) -> int:
     print("running: " + " ".join(cmd), file=sys.stderr)
     rc = subprocess.call(cmd)
     if rc != 0:
-        raise cli.OrchError(f"training failed (launcher exit status {rc}); see the output above", cli.Exit.TRAIN_FAILED)
-    return cli.Exit.OK
+        raise OrchError(f"training failed (launcher exit status {rc}); see the output above", Exit.TRAIN_FAILED)
+    return Exit.OK
 
 
-def status(args: argparse.Namespace) -> int:
+def status(job_id: Optional[str]) -> int:
+    """`squeue` for one job, or for all of this user's."""
     fmt = "%.18i %.9P %.40j %.8T %.10M %.6D %R"
     argv = ["squeue", "-o", fmt]
-    argv += ["-j", args.job_id] if args.job_id else ["-u", os.environ.get("USER") or str(os.getuid())]
+    argv += ["-j", job_id] if job_id else ["-u", os.environ.get("USER") or str(os.getuid())]
     print(_run_slurm(argv), end="")
-    return _cli().Exit.OK
+    return Exit.OK
 
 
-def cancel(args: argparse.Namespace) -> int:
-    _job_field(args.job_id, "JobState")  # scancel exits 0 for an unknown job id; scontrol does not
-    _run_slurm(["scancel", args.job_id])
-    print(f"cancelled {args.job_id}")
-    return _cli().Exit.OK
+def cancel(job_id: str) -> int:
+    _job_field(job_id, "JobState")  # scancel exits 0 for an unknown job id; scontrol does not
+    _run_slurm(["scancel", job_id])
+    print(f"cancelled {job_id}")
+    return Exit.OK
 
 
 def _job_field(job_id: str, field: str) -> str | None:
@@ -165,24 +166,24 @@ def _job_field(job_id: str, field: str) -> str | None:
     return None
 
 
-def logs(args: argparse.Namespace) -> int:
-    cli = _cli()
-    path = _job_field(args.job_id, "StdOut")
+def logs(job_id: str, follow: bool = False) -> int:
+    """Print the job's log; ``follow`` keeps printing while the job is queued or running."""
+    path = _job_field(job_id, "StdOut")
     if not path:
-        raise cli.OrchError(f"job {args.job_id}: Slurm reports no log path", cli.Exit.ERROR)
+        raise OrchError(f"job {job_id}: Slurm reports no log path", Exit.ERROR)
     log = Path(path)
     if not log.exists():
-        raise cli.OrchError(f"job {args.job_id}: log {path} does not exist yet (job pending?)", cli.Exit.ERROR)
+        raise OrchError(f"job {job_id}: log {path} does not exist yet (job pending?)", Exit.ERROR)
     with log.open("r", errors="replace") as f:
         sys.stdout.write(f.read())
-        while args.follow:
+        while follow:
             chunk = f.read()
             if chunk:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
                 continue
-            state = _job_field(args.job_id, "JobState")
+            state = _job_field(job_id, "JobState")
             if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED"):
                 break
             time.sleep(1)
-    return cli.Exit.OK
+    return Exit.OK

@@ -14,9 +14,10 @@ save    DeepSpeed checkpoint + RNG + data position, marked complete when all
         ranks are done; LoRA adapters in PEFT format.
 finish  summary.json (measured vs predicted peak), memory plot, wandb summary.
 
-Exit codes: 0 done; 2 bad spec/arguments/data; 5 training failed (runtime
-out-of-memory included, with predicted vs used); 75 (EX_TEMPFAIL) stopped on
-SIGUSR1/SIGTERM after writing a checkpoint -- the Slurm script requeues on 75.
+Exit codes (orchestrator.errors.Exit): OK; BAD_SPEC for a bad spec, argument,
+data or model folder; NO_FIT when strategy auto finds nothing; TRAIN_FAILED
+(runtime out-of-memory included, with predicted vs used); REQUEUE after a
+checkpoint written on SIGUSR1/SIGTERM -- the Slurm script requeues on it.
 """
 
 from __future__ import annotations
@@ -33,18 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-EXIT_OK = 0
-EXIT_BAD_SPEC = 2
-EXIT_TRAIN_FAILED = 5
-EXIT_REQUEUE = 75  # checkpoint written after SIGUSR1/SIGTERM; requeue and resume
-
-
-class TrainError(Exception):
-    """A training failure with a one-line message and an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_TRAIN_FAILED):
-        super().__init__(message)
-        self.code = code
+from orchestrator.errors import Exit, OrchError, print_error
 
 
 @dataclass
@@ -142,9 +132,9 @@ class Trainer:
         self.dist = torch.distributed
         job = self.job
         if self.world != job.hardware.world_size:
-            raise TrainError(
+            raise OrchError(
                 f"hardware: the spec gives {job.hardware.nodes} x {job.hardware.gpus_per_node} = {job.hardware.world_size} "
-                f"processes but {self.world} were launched; set hardware.nodes/gpus_per_node to match", EXIT_BAD_SPEC)
+                f"processes but {self.world} were launched; set hardware.nodes/gpus_per_node to match", Exit.BAD_SPEC)
         self.is_main = self.rank == 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -155,11 +145,8 @@ class Trainer:
         from orchestrator import data as D
 
         self.shape = job.shape()
-        try:
-            self.tok = D.load_tokenizer(job, self.shape.vocab_size)
-            self.rows = D.prepare_rows(job, self.tok, self.out / "data_cache", self.is_main, self.barrier)
-        except D.DataError as exc:
-            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        self.tok = D.load_tokenizer(job, self.shape.vocab_size)
+        self.rows = D.prepare_rows(job, self.tok, self.out / "data_cache", self.is_main, self.barrier)
         self.batcher = D.Batcher(self.rows, job.training.seed, job.training.micro_batch_size, job.grad_accum(), self.world)
         if job.training.max_steps is not None:
             self.total_steps = job.training.max_steps
@@ -203,11 +190,7 @@ class Trainer:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        try:
-            self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed,
-                                       self.deepspeed_config)
-        except M.ModelError as exc:
-            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.deepspeed_config)
         self.load_seconds = time.time() - t0
         self.memory.params_bytes_local_built = param_bytes(self.loaded.model)[0]
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
@@ -219,7 +202,7 @@ class Trainer:
             try:
                 config = json.loads(Path(self.ds_config_path).read_text())
             except (OSError, ValueError) as exc:
-                raise TrainError(f"--ds-config: cannot read {self.ds_config_path}: {exc}", EXIT_BAD_SPEC) from None
+                raise OrchError(f"--ds-config: cannot read {self.ds_config_path}: {exc}", Exit.BAD_SPEC) from None
             if self.job.training.epochs is not None and "scheduler" in config:
                 # compiled before the data size was known: only now is the step count
                 config["scheduler"] = scheduler_block(self.job, self.total_steps)
@@ -233,22 +216,16 @@ class Trainer:
         from orchestrator import speedups as S
 
         torch = self.torch
-        try:
-            self.engine_kind = E.choose_engine(self.job.training.engine, self.deepspeed_config)
-            if self.engine_kind == "plain":
-                self.engine = E.PlainEngine(self.module, E.EngineConfig.from_deepspeed(self.deepspeed_config))
-        except E.EngineError as exc:
-            raise TrainError(str(exc), EXIT_BAD_SPEC) from None
+        self.engine_kind = E.choose_engine(self.job.training.engine, self.deepspeed_config)
+        if self.engine_kind == "plain":
+            self.engine = E.PlainEngine(self.module, E.EngineConfig.from_deepspeed(self.deepspeed_config))
         if self.engine_kind == "deepspeed":
             params = [p for p in self.module.parameters() if p.requires_grad]
             self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params,
                                                         config=self.deepspeed_config)
         stage = self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
         if S.compile_wanted(self.job.training.compile, self.device, stage):
-            try:
-                self.compiled = S.compile_decoder_layers(self.loaded.base.model.layers)
-            except S.CompileError as exc:
-                raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
+            self.compiled = S.compile_decoder_layers(self.loaded.base.model.layers)
         self.memory.cpu_rss_after_load = _rss()
         self.memory.params_bytes_local, self.memory.params_bytes_full, self.memory.quantized_bytes_local, \
             self.memory.quantized_bytes_full = param_bytes(self.module)
@@ -270,12 +247,9 @@ class Trainer:
         written = E.written_by(info.path)
         # (a checkpoint of another process count gets C.load's error first: no engine can resume it here)
         if written is not None and written != self.engine_kind and info.world_size == self.world:
-            raise TrainError(f"{info.path}: written by the {written} engine, this run uses the {self.engine_kind} "
-                             f"engine; resume it with training.engine={written}", EXIT_TRAIN_FAILED)
-        try:
-            client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method == "full")
-        except C.CheckpointError as exc:
-            raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
+            raise OrchError(f"{info.path}: written by the {written} engine, this run uses the {self.engine_kind} "
+                            f"engine; resume it with training.engine={written}", Exit.TRAIN_FAILED)
+        client = C.load(self.engine, info, self.rank, self.world, strict=self.job.method == "full")
         self.step = self.saved_step = int(client["step"])
         if self.is_main:
             print(f"orch: resumed from {info.path} at step {self.step}", file=sys.stderr)
@@ -357,11 +331,11 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 if bar is not None:
                     bar.close()  # ends the progress line, so the error is a line of its own
-                raise TrainError(self.oom_message(), EXIT_TRAIN_FAILED) from None
-            except S.CompileError as exc:  # graph break, recompile limit, or layers that never ran compiled
+                raise OrchError(self.oom_message(), Exit.TRAIN_FAILED) from None
+            except S.CompileError:  # graph break, recompile limit, or layers that never ran compiled
                 if bar is not None:
                     bar.close()
-                raise TrainError(str(exc), EXIT_TRAIN_FAILED) from None
+                raise
             self.step += 1
             window_tokens += self.batcher.step_tokens(step)
             if self.step % log_every == 0 or self.step == self.total_steps:
@@ -383,7 +357,7 @@ class Trainer:
             if stop:
                 if bar is not None:
                     bar.close()
-                raise TrainError(f"stopped by signal at step {self.step}; checkpoint written, resume with --resume", EXIT_REQUEUE)
+                raise OrchError(f"stopped by signal at step {self.step}; checkpoint written, resume with --resume", Exit.REQUEUE)
         if bar is not None:
             bar.close()
 
@@ -668,39 +642,32 @@ def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
 
 
 def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool, export_hf: bool = False) -> int:
-    from orchestrator.spec import SpecError, load_job
+    from orchestrator import planner, preflight
+    from orchestrator.spec import load_job
 
     try:
         job = load_job(job_path, list(overrides), for_training=True)
-    except SpecError as exc:
-        print(f"orch: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SPEC
-    strategy = job.strategy
-    if strategy == "auto" or not job.knobs_resolved():
-        # `orch train JOB` on a spec: choose like `orch compile` does (a compiled job has no auto left)
-        from orchestrator import planner
-
-        try:
+        strategy = job.strategy
+        if strategy == "auto" or not job.knobs_resolved():
+            # `orch train JOB` on a spec: choose like `orch compile` does (a compiled job has no auto left)
             strategy, job = planner.resolve(job)
-        except planner.NoFitError as exc:
-            print(f"orch: error: {exc}", file=sys.stderr)
-            return 3
-    from orchestrator import preflight
-
-    try:  # again here: the job may run on a node that sees another file system than the submitter
-        preflight.check_output_dir(job.output_dir(), preflight.checkpoint_bytes(job, strategy))
-    except preflight.PreflightError as exc:
-        print(f"orch: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_SPEC
+        try:  # again here: the job may run on a node that sees another file system than the submitter
+            preflight.check_output_dir(job.output_dir(), preflight.checkpoint_bytes(job, strategy))
+        except preflight.PreflightError as exc:
+            # Here the job is already running: the spec's output dir is what is wrong, not a submit.
+            raise OrchError(str(exc), Exit.BAD_SPEC) from None
+    except OrchError as exc:
+        print_error(exc)
+        return exc.code
     trainer = Trainer(job, strategy, ds_config, resume, export_hf)
     try:
         trainer.setup()
         trainer.train()
         trainer.finish()
-        return EXIT_OK
-    except TrainError as exc:
-        print(f"orch: error: {exc}", file=sys.stderr)
-        if exc.code == EXIT_TRAIN_FAILED and getattr(trainer, "world", 1) > 1:
+        return Exit.OK
+    except OrchError as exc:
+        print_error(exc)
+        if exc.code == Exit.TRAIN_FAILED and getattr(trainer, "world", 1) > 1:
             # the other ranks may be blocked in a collective: leave now (the
             # launcher stops them) instead of hanging in destroy_process_group
             sys.stderr.flush()
@@ -728,12 +695,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides before or after the options
     return run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
-
-
-def main_from_cli(args: argparse.Namespace) -> int:
-    """`orch train JOB [key=value ...]`: the same run in this process."""
-    return run(args.job, args.overrides, getattr(args, "ds_config", None), getattr(args, "resume", False),
-               getattr(args, "export_hf", False))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from orchestrator import catalog, cli, spec
+from orchestrator.errors import Exit, OrchError
 from tests.cli_helpers import REPO_ROOT, orch_env, run_orch
 from tests.test_spec import BASE, CASES, line_of
 
@@ -289,7 +290,7 @@ def test_unexpected_error_is_one_line_without_debug(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(spec, "load_job", _boom)
     code = cli.main(["validate", "jobs/tiny.yaml"])
     err = capsys.readouterr().err
-    assert code == cli.Exit.ERROR == 1
+    assert code == Exit.ERROR == 1
     assert err.splitlines() == ["orch: error: RuntimeError: injected failure (run with --debug for the traceback)"]
 
 
@@ -300,9 +301,9 @@ def test_debug_reraises_for_the_traceback(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_debug_spec_error_reraises(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(cli.OrchError) as exc:
+    with pytest.raises(OrchError) as exc:
         cli.main(["--debug", "validate", str(REPO_ROOT / "jobs/tiny.yaml"), "training.lr=-1"])
-    assert exc.value.code == cli.Exit.BAD_SPEC
+    assert exc.value.code == Exit.BAD_SPEC
 
 
 _INJECT = """
@@ -384,7 +385,7 @@ def test_closed_stdout_exits_quietly(args: tuple) -> None:
                               stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     finally:
         os.close(write_end)
-    assert (proc.returncode, proc.stderr) == (cli.Exit.BROKEN_PIPE, "")
+    assert (proc.returncode, proc.stderr) == (Exit.BROKEN_PIPE, "")
 
 
 # --- warnings -------------------------------------------------------------------------------------
@@ -492,5 +493,15 @@ def test_broken_pipe_that_is_not_stdout_is_an_error() -> None:
     service inside `orch train`) is reported like any other failure. stdout is an open pipe here."""
     res = subprocess.run([sys.executable, "-c", _INJECT_BROKEN_PIPE, "validate", "jobs/tiny.yaml"], cwd=REPO_ROOT,
                          env=orch_env(), capture_output=True, text=True, timeout=60)
-    assert (res.returncode, res.stdout) == (cli.Exit.ERROR, "")
+    assert (res.returncode, res.stdout) == (Exit.ERROR, "")
     assert res.stderr == "orch: error: BrokenPipeError: [Errno 32] Broken pipe (run with --debug for the traceback)\n"
+
+
+def test_library_modules_do_not_import_the_cli() -> None:
+    # submit used to reach back into cli for its errors and compile step (an import cycle);
+    # library modules now take typed arguments and raise orchestrator.errors' classes.
+    code = ("import sys; import orchestrator.submit, orchestrator.compiler, orchestrator.train; "
+            "print('orchestrator.cli' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=orch_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.strip() == "False", res.stderr

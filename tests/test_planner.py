@@ -13,7 +13,8 @@ import pytest
 
 from orchestrator import memory, planner
 from orchestrator.catalog import GIB
-from orchestrator.cli import Exit, main
+from orchestrator.cli import main
+from orchestrator.errors import Exit
 from orchestrator.spec import load_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ import pytest
 
 from tests._slurm import REPO, slurm_env, wait_for_job  # noqa: F401
 from orchestrator import compiler, submit
+from orchestrator.errors import OrchError
 from orchestrator.spec import load_job
 
 needs_trainer = pytest.mark.skipif(importlib.util.find_spec("orchestrator.train") is None,
@@ -95,8 +96,6 @@ def test_local_launch_runs_ranks_on_cpu(tmp_path, monkeypatch):
 def test_local_refuses_multi_node(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     job = load_job("jobs/tiny.yaml", ["strategy=zero2", "hardware.nodes=2"])
-    from orchestrator.cli import OrchError
-
     with pytest.raises(OrchError, match="hardware.nodes=1"):
         submit.run_local(compiler.build(job, tmp_path), resume=False)
     assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import pytest
 
 from orchestrator import checkpoint as C
 from orchestrator import train as T
+from orchestrator.errors import Exit
 from orchestrator.spec import load_job
 from tests.train_helpers import tiny_job
 
@@ -69,3 +70,11 @@ def test_bad_spec_exits_2(tmp_path, capsys):
     job = tiny_job(tmp_path, "bad", training={"micro_batch_size": 0})
     assert T.main(["--job", str(job)]) == 2
     assert "training.micro_batch_size" in capsys.readouterr().err
+
+
+def test_spec_error_prints_every_problem_with_the_prefix(tmp_path, capsys):
+    job = tiny_job(tmp_path, "bad2", training={"micro_batch_size": 0, "lr": 5})
+    assert T.main(["--job", str(job)]) == Exit.BAD_SPEC
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("orch: error: ") for line in lines), lines
+    assert "training.micro_batch_size" in lines[0] and "training.lr" in lines[1]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import preflight, spec
+from orchestrator.errors import Exit
 from tests.cli_helpers import REPO_ROOT, run_orch
 from tests.train_helpers import env as train_env
 from tests.train_helpers import tiny_job
@@ -90,7 +91,7 @@ def test_bad_data_refused_by_submit_before_sbatch(tmp_path: Path, kind: str, cap
     _one_line_error(_submit(tmp_path, *overrides), 2, *needles)
     assert _files(tmp_path / "gen") == [] and not (tmp_path / "run").exists()
     job = tiny_job(tmp_path, "t", training={"output_dir": str(tmp_path / "trainer_run")})
-    assert train.run(str(job), overrides, None, resume=False) == train.EXIT_BAD_SPEC == 2
+    assert train.run(str(job), overrides, None, resume=False) == Exit.BAD_SPEC == 2
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert not (tmp_path / "trainer_run").exists()
