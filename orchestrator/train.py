@@ -394,7 +394,7 @@ class Trainer:
         nxt = next_strategy(self.job, self.strategy)
         gib = lambda b: "unknown" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
         return (f"out of GPU memory on rank {self.rank} at step {self.step} with strategy {self.strategy}: "
-                f"predicted peak {gib(pred[0] if pred else None)}, used {gib(used)} (max allocated); "
+                f"predicted peak {gib(pred[0])}, used {gib(used)} (max allocated); "
                 + (f"try strategy={nxt} (orch plan shows the options)" if nxt else "no larger-saving strategy left: "
                    "lower training.micro_batch_size or data.seq_len, or add GPUs"))
 
@@ -515,7 +515,7 @@ class Trainer:
         pred = predicted(self.job, self.strategy)
         peak = top("peak_allocated")
         err = None
-        if pred and peak is not None and pred[0]:
+        if peak is not None and pred[0]:
             err = round(100.0 * (peak - pred[0]) / pred[0], 2)
         return {
             "job": self.job.name, "strategy": self.strategy, "world_size": self.world, "steps": self.step,
@@ -525,8 +525,8 @@ class Trainer:
             "load_peak_bytes": top("load_peak_allocated"), "peak_allocated_bytes": peak,
             "cpu_rss_peak_bytes": top("cpu_rss_peak"), "load_seconds": round(self.load_seconds, 3),
             "per_rank": per_rank,
-            "predicted_peak_bytes": pred[0] if pred else None,
-            "predicted_load_peak_bytes": pred[1] if pred else None,
+            "predicted_peak_bytes": pred[0],
+            "predicted_load_peak_bytes": pred[1],
             "error_pct": err,
         }
 
@@ -539,46 +539,27 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------
-# predictions (memory model and planner are other modules; absent until merged)
+# predictions (orch's memory model and planner)
 
 
-def predicted(job, strategy: str) -> Optional[tuple[int, int]]:
-    """(predicted peak allocated, predicted load peak) from orch's memory model, or None."""
-    try:
-        from orchestrator.memory import estimate
-    except ImportError:
-        return None
-    try:
-        est = estimate(job, strategy)
-        return int(est.peak_allocated), int(est.load_peak)
-    except Exception:  # noqa: BLE001 - a prediction problem must not stop training
-        return None
+def predicted(job, strategy: str) -> tuple[int, int]:
+    """(predicted peak allocated, predicted load peak) from orch's memory model."""
+    from orchestrator.memory import estimate
+
+    est = estimate(job, strategy)
+    return est.peak_allocated, est.load_peak
 
 
 def next_strategy(job, strategy: str) -> Optional[str]:
     """The next strategy that saves more memory than ``strategy``: the first later one in the plan's
-    (STRATEGIES) order that the planner says fits, else simply the next valid one."""
-    from orchestrator.spec import STRATEGIES
+    order that the planner says fits, else the next valid one; None when ``strategy`` is the last."""
+    from orchestrator import planner
 
-    try:
-        from orchestrator import planner
-
-        cands = planner.plan(job).candidates
-        names = [c.strategy for c in cands]
-        later = cands[names.index(strategy) + 1:] if strategy in names else []
-        fitting = [c.strategy for c in later if c.fits]
-        if fitting or later:
-            return (fitting or [later[0].strategy])[0]
-        if strategy in names:
-            return None
-    except Exception:  # noqa: BLE001 - planner missing or failing: fall back to the fixed order
-        pass
-    order = [s for s in STRATEGIES if "nvme" not in s or job.hardware.nvme_path]
-    if job.hardware.world_size > 1:
-        order = [s for s in order if s != "single_gpu"]
-    if strategy in order and order.index(strategy) + 1 < len(order):
-        return order[order.index(strategy) + 1]
-    return None
+    cands = planner.plan(job).candidates
+    names = [c.strategy for c in cands]
+    later = cands[names.index(strategy) + 1:] if strategy in names else []
+    fitting = [c.strategy for c in later if c.fits]
+    return (fitting or [c.strategy for c in later] or [None])[0]
 
 
 def param_bytes(module) -> tuple[int, int, int, int]:
