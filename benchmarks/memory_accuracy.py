@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator import memory  # noqa: E402
 from orchestrator.catalog import GIB  # noqa: E402
 from orchestrator.spec import JobSpec, apply_overrides, dump_job, parse_yaml_text, validate_dict  # noqa: E402
+from orchestrator.strategy import STRATEGIES  # noqa: E402
 
 T = TypeVar("T")
 
@@ -183,11 +184,11 @@ def deepspeed_estimate(job: JobSpec, strategy: str) -> Optional[int]:
     total = shape.num_params()
     largest = max(shape.vocab_size * shape.hidden_size, max(i * o for i, o in shape.linear_shapes().values()))
     hw = job.hardware
-    if memory.ZERO_STAGE[strategy] == 3:
-        opt, param = memory.offload_devices(strategy)
+    s = STRATEGIES[strategy]
+    if s.sharded:
         _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, hw.gpus_per_node, hw.nodes,
-                                                          cpu_offload=opt != "none",
-                                                          cpu_offload_params=param != "none", zero_init=True)
+                                                          cpu_offload=s.optimizer_offload != "none",
+                                                          cpu_offload_params=s.param_offload != "none", zero_init=True)
     else:  # single_gpu: ZeRO-2 formula with one GPU
         _, gpu = estimate_zero2_model_states_mem_needs(total, hw.gpus_per_node, hw.nodes, cpu_offload=False)
     return int(gpu)
@@ -196,7 +197,7 @@ def deepspeed_estimate(job: JobSpec, strategy: str) -> Optional[int]:
 def rule_of_thumb(job: JobSpec, strategy: str) -> int:
     """params x bytes per param (0.5 qlora, 2 lora, 16 full), / GPUs under ZeRO-3."""
     per = {"qlora": 0.5, "lora": 2.0, "full": 16.0}[job.method]
-    div = job.hardware.world_size if memory.ZERO_STAGE[strategy] == 3 else 1
+    div = job.hardware.world_size if STRATEGIES[strategy].sharded else 1
     return int(job.shape().num_params() * per / div)
 
 

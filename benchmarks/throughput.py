@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.memory_accuracy import Config, child_env, make_job, prepare_run, run_logged, select_named, trainer_command  # noqa: E402
 from orchestrator.catalog import GIB, PRESETS, ModelShape  # noqa: E402
+from orchestrator.strategy import STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "throughput"
@@ -368,7 +369,7 @@ def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
         gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
         dataloader_drop_last=True, dataloader_num_workers=0,
-        deepspeed=zero3_config(job) if case.strategy.startswith("zero3") else None,
+        deepspeed=zero3_config(job) if STRATEGIES[case.strategy].sharded else None,
     )
     torch.manual_seed(t.seed)
     if cuda:

@@ -8,31 +8,11 @@ spec and the model shape, and the same dict is what the trainer passes to
 from __future__ import annotations
 
 from orchestrator.catalog import ModelShape
-from orchestrator.spec import STRATEGIES, JobSpec
-
-ZERO_STAGE = {
-    "single_gpu": 0,
-    "zero2": 2,
-    "zero3": 3,
-    "zero3_offload_optimizer": 3,
-    "zero3_offload_all": 3,
-    "zero3_offload_optimizer_nvme": 3,
-    "zero3_offload_all_nvme": 3,
-}
-assert set(ZERO_STAGE) == set(STRATEGIES)  # a new strategy must be given a stage here
+from orchestrator.spec import JobSpec
+from orchestrator.strategy import STRATEGIES
 
 # DeepSpeed's scheduler for each spec schedule.
 _SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
-
-
-def offload_devices(strategy: str) -> tuple[str, str]:
-    """(optimizer offload device, parameter offload device): 'none', 'cpu' or 'nvme'."""
-    device = "nvme" if strategy.endswith("_nvme") else "cpu"
-    if strategy.startswith("zero3_offload_all"):
-        return device, device
-    if strategy.startswith("zero3_offload_optimizer"):
-        return device, "none"
-    return "none", "none"
 
 
 def bucket_sizes(shape: ModelShape) -> dict[str, int]:
@@ -97,11 +77,11 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
     the data is tokenized: the trainer passes it then, and the compiled file
     records the placeholder value 1 with a note (see `orch compile`).
     """
-    if strategy not in ZERO_STAGE:
+    if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     t, hw = job.training, job.hardware
-    stage = ZERO_STAGE[strategy]
-    opt_dev, param_dev = offload_devices(strategy)
+    s = STRATEGIES[strategy]
+    stage, opt_dev, param_dev = s.zero_stage, s.optimizer_offload, s.param_offload
     buckets = bucket_sizes(shape)
 
     zero: dict = {"stage": stage}
@@ -163,7 +143,7 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
         "tensorboard": {"enabled": False},
         "csv_monitor": {"enabled": False},
     }
-    if "nvme" in (opt_dev, param_dev):
+    if s.needs_nvme:
         # Async I/O for NVMe swapping: 1 MiB requests, 8 in flight per thread
         # (DeepSpeed's defaults, written out so the file says what runs).
         config["aio"] = {"block_size": 1_048_576, "queue_depth": 8, "single_submit": False, "overlap_events": True}

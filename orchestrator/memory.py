@@ -29,8 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.catalog import GIB, MIB, ModelShape
-from orchestrator.deepspeed_config import ZERO_STAGE, build_ds_config, offload_devices
+from orchestrator.deepspeed_config import build_ds_config
 from orchestrator.spec import JobSpec
+from orchestrator.strategy import STRATEGIES
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "uint8": 1}
 FP32 = 4
@@ -273,8 +274,8 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
       the GPU keeps no gradient partition (grads stream to the host).
     * offload_param: param partitions live in host RAM too.
     """
-    stage = ZERO_STAGE[strategy]
-    opt_dev, param_dev = offload_devices(strategy)
+    stage = STRATEGIES[strategy].zero_stage
+    opt_dev, param_dev = STRATEGIES[strategy].optimizer_offload, STRATEGIES[strategy].param_offload
     world = job.hardware.world_size
     d = DTYPE_BYTES[job.model.dtype]
     mixed = job.model.dtype != "fp32"
@@ -499,7 +500,7 @@ def zero_buffer_bytes(job: JobSpec, strategy: str, shape: ModelShape) -> int:
     other reduces); stage 3 keeps one flat reduce bucket. Stage 0 has none.
     Bucket size is capped by the trainable params (a tiny LoRA never fills one).
     """
-    stage = ZERO_STAGE[strategy]
+    stage = STRATEGIES[strategy].zero_stage
     if stage == 0:
         return 0
     zero = build_ds_config(job, strategy, shape)["zero_optimization"]
@@ -518,7 +519,7 @@ def zero3_live_param_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: 
     gathered, capped by the model itself; plus one prefetch bucket in flight. 4-bit weights are gathered in their storage
     elements (numel/2 bytes), the rest in model dtype.
     """
-    if ZERO_STAGE[strategy] != 3:
+    if not STRATEGIES[strategy].sharded:
         return 0
     zero = build_ds_config(job, strategy, shape)["zero_optimization"]
     d = DTYPE_BYTES[job.model.dtype]
@@ -558,12 +559,12 @@ def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibr
     the GPU (1/W of the piece), next to the gathered whole: measured on one H100, LoRA 8B,
     zero3_offload_all: 2 x the embedding (2,101,347,840 B; 2 x 1,050,673,152 predicted).
     """
-    stage = ZERO_STAGE[strategy]
+    stage = STRATEGIES[strategy].zero_stage
     d = DTYPE_BYTES[job.model.dtype]
     world = job.hardware.world_size
     whole = whole_model_bytes(job, shape, job.quantization.storage_for(stage == 3))
     if stage == 3 and job.method != "qlora":
-        _, param_dev = offload_devices(strategy)
+        param_dev = STRATEGIES[strategy].param_offload
         layer = shape.layer_linear_params() + shape.layer_other_params()
         piece = max(layer, shape.embedding_params(), shape.lm_head_params()) * d
         if param_dev != "none":
@@ -620,7 +621,7 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
       model.dtype gradient partition and one reduce bucket (reduce_bucket_size elements). With
       optimizer offload all of that is in host RAM and the GPU gets the reduce bucket only.
     """
-    stage = ZERO_STAGE[strategy]
+    stage = STRATEGIES[strategy].zero_stage
     d = DTYPE_BYTES[job.model.dtype]
     world = job.hardware.world_size
     mixed = job.model.dtype != "fp32"
@@ -632,7 +633,7 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
         flat = t * d if whole + t * d <= job.hardware.gpu_memory_bytes() else 0
         t_shard = -(-t // world)
         return whole + max(flat, t_shard * max(d + FP32, 2 * FP32))
-    opt_dev, param_dev = offload_devices(strategy)
+    opt_dev, param_dev = STRATEGIES[strategy].optimizer_offload, STRATEGIES[strategy].param_offload
     resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
     partitioning = 0
     if job.method == "qlora":
@@ -676,7 +677,7 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
     swap buffers (buffer_count x buffer size from the DeepSpeed config).
     """
     ranks = job.hardware.gpus_per_node
-    opt_dev, param_dev = offload_devices(strategy)
+    opt_dev, param_dev = STRATEGIES[strategy].optimizer_offload, STRATEGIES[strategy].param_offload
     per_rank = dict(states.host)
     nvme = 0
     zero = build_ds_config(job, strategy, shape)["zero_optimization"] if opt_dev == "nvme" or param_dev == "nvme" else {}
@@ -700,7 +701,7 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
 
 def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape: ModelShape | None = None) -> MemoryEstimate:
     """Predict per-GPU and per-node memory of ``job`` trained with ``strategy``."""
-    if strategy not in ZERO_STAGE:
+    if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     shape = shape or job.shape()
     states = model_states(job, strategy, shape, cal)

@@ -383,9 +383,9 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
     partitioned; qlora under ZeRO-3 loads whole (4-bit weights cannot be created
     inside zero.Init) and is partitioned by ``deepspeed.initialize``.
     """
-    from orchestrator.deepspeed_config import ZERO_STAGE
+    from orchestrator.strategy import STRATEGIES
 
-    sharded = ZERO_STAGE[strategy] == 3
+    sharded = STRATEGIES[strategy].sharded
     partitioned_load = sharded and job.method != "qlora" and ds_config is not None
     config = hf_config(job)
     quant = bnb_settings(job, sharded) if job.method == "qlora" else None

@@ -18,26 +18,15 @@ from typing import Optional
 
 from orchestrator import memory
 from orchestrator.catalog import GIB, ModelShape
-from orchestrator.deepspeed_config import ZERO_STAGE, offload_devices
 from orchestrator.errors import Exit, OrchError
-from orchestrator.spec import STRATEGIES, JobSpec, SpecError, with_overrides
+from orchestrator.spec import JobSpec, SpecError, with_overrides
+from orchestrator.strategy import STRATEGIES
 
 GPU_HEADROOM = 0.05
 """Fraction of GPU memory kept free beyond the estimate's total (which already has allocator slack and
 CUDA/NCCL context): covers what the model does not see (lazy NCCL/cuDNN allocations, other processes)."""
 HOST_HEADROOM = 0.10
 """Fraction of host RAM kept free for the OS, page cache and data loading."""
-
-LABELS = {
-    "single_gpu": "single",
-    "zero2": "zero2",
-    "zero3": "zero3",
-    "zero3_offload_optimizer": "z3+optCPU",
-    "zero3_offload_all": "z3+allCPU",
-    "zero3_offload_optimizer_nvme": "z3+optNVMe",
-    "zero3_offload_all_nvme": "z3+allNVMe",
-}
-"""Short column names for the table (10 characters at most)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +120,7 @@ class Candidate:
     """One strategy evaluated for a job."""
 
     strategy: str
-    """Strategy name (spec.STRATEGIES)."""
+    """Strategy name (a key of strategy.STRATEGIES)."""
     estimate: memory.MemoryEstimate
     """Its memory estimate."""
     fits: bool
@@ -181,16 +170,16 @@ def valid_strategies(job: JobSpec) -> list[str]:
     """
     world = job.hardware.world_size
     out = []
-    for s in STRATEGIES:
-        if s == "single_gpu" and world != 1:
+    for s in STRATEGIES.values():
+        if s.name == "single_gpu" and world != 1:
             continue
-        if s in ("zero2", "zero3") and world == 1:
+        if s.name in ("zero2", "zero3") and world == 1:
             continue
-        if s.endswith("_nvme") and not job.hardware.nvme_path:
+        if s.needs_nvme and not job.hardware.nvme_path:
             continue
-        if job.method == "qlora" and ZERO_STAGE[s] == 3 and job.quantization.storage_for(True) != job.model.dtype:
+        if job.method == "qlora" and s.sharded and job.quantization.storage_for(True) != job.model.dtype:
             continue
-        out.append(s)
+        out.append(s.name)
     return out
 
 
@@ -245,7 +234,7 @@ def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedMod
     micro_steps = t.global_batch_size / (t.micro_batch_size * world)
     compute = micro_steps * micro_step_seconds(job, shape, speed) + speed.seconds_per_step
 
-    stage = ZERO_STAGE[strategy]
+    stage = STRATEGIES[strategy].zero_stage
     ring = (world - 1) / world if world > 1 else 0.0
     bw = speed.inter_node_bytes_per_s if hw.nodes > 1 else speed.intra_node_bytes_per_s
     dense, packed, _ = memory.base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
@@ -262,7 +251,7 @@ def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedMod
         exposed += micro_steps * passes * shape.num_hidden_layers * speed.zero3_seconds_per_layer_pass
 
     offload = 0.0
-    opt_dev, param_dev = offload_devices(strategy)
+    opt_dev, param_dev = STRATEGIES[strategy].optimizer_offload, STRATEGIES[strategy].param_offload
     shard = counts.trainable / world
     ranks = hw.gpus_per_node
     if opt_dev != "none":
@@ -624,7 +613,7 @@ def render_table(job: JobSpec, result: Plan) -> str:
     def row(label: str, cells: list[str]) -> str:
         return f"{label:<20}" + "".join(f"{c:>{width}}" for c in cells)
 
-    lines.append(row("GiB per GPU", [("*" if c.strategy == result.chosen else "") + LABELS[c.strategy] for c in cands]))
+    lines.append(row("GiB per GPU", [("*" if c.strategy == result.chosen else "") + STRATEGIES[c.strategy].label for c in cands]))
     if not job.knobs_resolved():  # each strategy with its own best knobs
         lines.append(row("micro batch", [str(c.micro_batch_size) for c in cands]))
         lines.append(row("checkpointing", ["on" if c.gradient_checkpointing else "off" for c in cands]))

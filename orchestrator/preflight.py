@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from orchestrator import memory
-from orchestrator.deepspeed_config import ZERO_STAGE
 from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
+from orchestrator.strategy import STRATEGIES
 
 FP32 = 4
 
@@ -44,7 +44,7 @@ def checkpoint_bytes(job: JobSpec, strategy: str) -> int:
     d = memory.DTYPE_BYTES[job.model.dtype]
     if job.method == "full":
         return counts.total * d + counts.trainable * 3 * FP32
-    storage = job.quantization.storage_for(ZERO_STAGE[strategy] == 3)
+    storage = job.quantization.storage_for(STRATEGIES[strategy].sharded)
     _, _, consts = memory.base_weight_bytes(job, shape, storage)
     lora_weights = counts.lora * d
     # the LoRA weights are written twice: in the module state and as the PEFT adapter

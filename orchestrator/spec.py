@@ -27,17 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from orchestrator import catalog, datacheck, hub
 from orchestrator.errors import Exit, OrchError
+from orchestrator.strategy import STRATEGIES
 
-Strategy = Literal[
-    "single_gpu",
-    "zero2",
-    "zero3",
-    "zero3_offload_optimizer",
-    "zero3_offload_all",
-    "zero3_offload_optimizer_nvme",
-    "zero3_offload_all_nvme",
-]
-STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
 Dtype = Literal["bf16", "fp16", "fp32"]
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -469,8 +461,9 @@ class JobSpec(_Section):
     data: DataSpec = Field(description="Training data: files, format, sequence length.")
     training: TrainingSpec = Field(description="Batch sizes, optimizer and length of training.")
     hardware: HardwareSpec = Field(HardwareSpec(), description="What the job runs on.")
-    strategy: Literal["auto", Strategy] = Field(  # type: ignore[valid-type]
-        "auto", description="'auto' lets the planner choose the fastest strategy that fits; or force one."
+    strategy: Literal["auto", StrategyName] = Field(  # type: ignore[valid-type]
+        "auto", description="'auto' lets the planner choose the fastest strategy that fits; or force one: "
+        + "; ".join(f"{s.name} ({s.description})" for s in STRATEGIES.values()) + "."
     )
     slurm: SlurmSpec = Field(SlurmSpec(), description="Slurm batch settings.")
     logging: LoggingSpec = Field(LoggingSpec(), description="Metrics logging.")
@@ -498,7 +491,7 @@ class JobSpec(_Section):
             )
         if self.strategy == "single_gpu" and world != 1:
             raise ValueError(f"strategy: single_gpu needs exactly 1 GPU, but hardware gives {world}")
-        if "nvme" in self.strategy and not self.hardware.nvme_path:
+        if self.strategy != "auto" and STRATEGIES[self.strategy].needs_nvme and not self.hardware.nvme_path:
             raise ValueError(f"hardware.nvme_path: strategy {self.strategy} needs a local NVMe folder here")
         if self.model.attn_implementation == "flash_attention_2" and self.model.dtype == "fp32":
             raise ValueError("model.attn_implementation: flash_attention_2 needs model.dtype bf16 or fp16")

@@ -22,6 +22,7 @@ import yaml
 
 from orchestrator import catalog, cli, spec
 from orchestrator.errors import Exit, OrchError
+from orchestrator.strategy import STRATEGIES
 from tests.cli_helpers import REPO_ROOT, orch_env, run_orch
 from tests.test_spec import BASE, CASES, line_of
 
@@ -162,7 +163,8 @@ def test_schema_is_json_schema_with_descriptions(printed_schema: dict) -> None:
     assert {"const": "auto", "type": "string"} in micro  # the planner chooses (planner.plan)
     assert {"type": "integer", "minimum": 1, "maximum": 65536} in micro
     strategy = printed_schema["properties"]["strategy"]
-    assert set(strategy["enum"]) == {"auto", *spec.STRATEGIES}
+    assert set(strategy["enum"]) == {"auto", *STRATEGIES}
+    assert "zero3_offload_all (ZeRO-3 with the optimizer states and the parameters in host RAM)" in strategy["description"]
 
 
 @pytest.mark.parametrize("path", EXAMPLE_JOBS, ids=[p.name for p in EXAMPLE_JOBS])

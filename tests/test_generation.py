@@ -17,8 +17,8 @@ from tests.golden_cases import CASES
 from orchestrator import compiler, planner
 from orchestrator.cli import main as orch_main
 from orchestrator.compiler import CompileOptions
-from orchestrator.deepspeed_config import ZERO_STAGE, offload_devices
-from orchestrator.spec import STRATEGIES, dump_job, load_job
+from orchestrator.spec import dump_job, load_job
+from orchestrator.strategy import STRATEGIES
 
 GOLDEN = REPO / "tests" / "golden"
 PORTABLE = CompileOptions(portable=True)
@@ -65,11 +65,11 @@ def test_batch_arithmetic_and_strategy_blocks(name):
     assert ds["train_batch_size"] == job.training.global_batch_size
     assert ds["train_micro_batch_size_per_gpu"] == job.training.micro_batch_size
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == ds["train_batch_size"]
-    assert ds["zero_optimization"]["stage"] == ZERO_STAGE[c.strategy]
-    opt_dev, param_dev = offload_devices(c.strategy)
+    strategy = STRATEGIES[c.strategy]
+    assert ds["zero_optimization"]["stage"] == strategy.zero_stage
     z = ds["zero_optimization"]
-    assert z.get("offload_optimizer", {}).get("device", "none") == opt_dev
-    assert z.get("offload_param", {}).get("device", "none") == param_dev
+    assert z.get("offload_optimizer", {}).get("device", "none") == strategy.optimizer_offload
+    assert z.get("offload_param", {}).get("device", "none") == strategy.param_offload
     for block in ("offload_optimizer", "offload_param"):
         if z.get(block, {}).get("device") == "nvme":
             assert z[block]["nvme_path"] == job.hardware.nvme_path
