@@ -7,6 +7,8 @@ spec and the model shape, and the same dict is what the trainer passes to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from orchestrator.catalog import ModelShape
 from orchestrator.spec import JobSpec
 from orchestrator.strategy import STRATEGIES
@@ -15,7 +17,31 @@ from orchestrator.strategy import STRATEGIES
 _SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
-def bucket_sizes(shape: ModelShape) -> dict[str, int]:
+@dataclass(frozen=True)
+class BucketSizes:
+    """DeepSpeed's buffer sizes for one model shape, in elements (the memory model counts their bytes)."""
+
+    reduce_bucket_size: int
+    """Gradients reduced per collective (ZeRO-2 keeps two such buckets, ZeRO-3 one)."""
+    allgather_bucket_size: int
+    """ZeRO-2: updated parameters all-gathered per collective."""
+    stage3_prefetch_bucket_size: int
+    """ZeRO-3: parameters gathered ahead of their use."""
+    stage3_param_persistence_threshold: int
+    """ZeRO-3: parameters smaller than this stay whole on every rank."""
+    stage3_max_live_parameters: int
+    """ZeRO-3: gathered parameters kept alive at most."""
+    stage3_max_reuse_distance: int
+    """ZeRO-3: a released parameter is kept gathered when it is used again within this many elements."""
+    nvme_param_buffer_size: int
+    """NVMe parameter offload: elements per swap buffer (holds the largest single parameter)."""
+    nvme_optimizer_buffer_count: int = 4
+    """NVMe optimizer offload: swap buffers of optimizer sub-groups in flight (DeepSpeed's default)."""
+    nvme_param_buffer_count: int = 5
+    """NVMe parameter offload: swap buffers in flight (DeepSpeed's default)."""
+
+
+def bucket_sizes(shape: ModelShape) -> BucketSizes:
     """Communication bucket sizes scaled to the hidden size.
 
     These follow the rule DeepSpeed's HF integration applies for "auto"
@@ -33,15 +59,15 @@ def bucket_sizes(shape: ModelShape) -> dict[str, int]:
     # NVMe parameter swapping needs a buffer that holds the largest single
     # parameter (the embedding or lm_head for most models, vocab x hidden).
     largest = max(shape.vocab_size * h, shape.hidden_size * shape.intermediate_size)
-    return {
-        "reduce_bucket_size": h * h,
-        "allgather_bucket_size": max(h * h, 50_000_000),
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
-        "stage3_param_persistence_threshold": 10 * h,
-        "stage3_max_live_parameters": live,
-        "stage3_max_reuse_distance": live,
-        "nvme_param_buffer_size": max(100_000_000, largest),
-    }
+    return BucketSizes(
+        reduce_bucket_size=h * h,
+        allgather_bucket_size=max(h * h, 50_000_000),
+        stage3_prefetch_bucket_size=int(0.9 * h * h),
+        stage3_param_persistence_threshold=10 * h,
+        stage3_max_live_parameters=live,
+        stage3_max_reuse_distance=live,
+        nvme_param_buffer_size=max(100_000_000, largest),
+    )
 
 
 def scheduler_block(job: JobSpec, total_steps: int) -> dict:
@@ -90,17 +116,17 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
             overlap_comm=True,
             contiguous_gradients=True,
             reduce_scatter=True,
-            reduce_bucket_size=buckets["reduce_bucket_size"],
+            reduce_bucket_size=buckets.reduce_bucket_size,
         )
     if stage == 2:
         zero["allgather_partitions"] = True
-        zero["allgather_bucket_size"] = buckets["allgather_bucket_size"]
+        zero["allgather_bucket_size"] = buckets.allgather_bucket_size
     if stage == 3:
         zero.update(
-            stage3_prefetch_bucket_size=buckets["stage3_prefetch_bucket_size"],
-            stage3_param_persistence_threshold=buckets["stage3_param_persistence_threshold"],
-            stage3_max_live_parameters=buckets["stage3_max_live_parameters"],
-            stage3_max_reuse_distance=buckets["stage3_max_reuse_distance"],
+            stage3_prefetch_bucket_size=buckets.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=buckets.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=buckets.stage3_max_live_parameters,
+            stage3_max_reuse_distance=buckets.stage3_max_reuse_distance,
             # orch saves LoRA adapters by gathering only adapter params, and full
             # models through the ZeRO checkpoint: no 16-bit gather of the whole model.
             stage3_gather_16bit_weights_on_model_save=False,
@@ -111,9 +137,9 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
         elif device == "nvme":
             zero[key] = {"device": "nvme", "nvme_path": hw.nvme_path, "pin_memory": True}
             if key == "offload_optimizer":
-                zero[key]["buffer_count"] = 4
+                zero[key]["buffer_count"] = buckets.nvme_optimizer_buffer_count
             else:
-                zero[key].update(buffer_count=5, buffer_size=buckets["nvme_param_buffer_size"])
+                zero[key].update(buffer_count=buckets.nvme_param_buffer_count, buffer_size=buckets.nvme_param_buffer_size)
 
     steps = total_steps if total_steps is not None else (t.max_steps or 1)
     optimizer_params: dict = {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay}

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.catalog import GIB, MIB, ModelShape
-from orchestrator.deepspeed_config import build_ds_config
+from orchestrator.deepspeed_config import bucket_sizes
 from orchestrator.spec import JobSpec
 from orchestrator.strategy import STRATEGIES
 
@@ -503,9 +503,8 @@ def zero_buffer_bytes(job: JobSpec, strategy: str, shape: ModelShape) -> int:
     stage = STRATEGIES[strategy].zero_stage
     if stage == 0:
         return 0
-    zero = build_ds_config(job, strategy, shape)["zero_optimization"]
     d = DTYPE_BYTES[job.model.dtype]
-    bucket = min(zero["reduce_bucket_size"], param_counts(job, shape).trainable)
+    bucket = min(bucket_sizes(shape).reduce_bucket_size, param_counts(job, shape).trainable)
     return (2 if stage == 2 else 1) * bucket * d
 
 
@@ -521,12 +520,12 @@ def zero3_live_param_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: 
     """
     if not STRATEGIES[strategy].sharded:
         return 0
-    zero = build_ds_config(job, strategy, shape)["zero_optimization"]
+    buckets = bucket_sizes(shape)
     d = DTYPE_BYTES[job.model.dtype]
     dense, packed, _ = base_weight_bytes(job, shape, job.quantization.storage_for(True))
     model_bytes = dense + packed + param_counts(job, shape).lora * d
-    window = int(zero["stage3_max_reuse_distance"] * d * cal.zero3_live_fraction)
-    prefetch = zero["stage3_prefetch_bucket_size"] * d
+    window = int(buckets.stage3_max_reuse_distance * d * cal.zero3_live_fraction)
+    prefetch = buckets.stage3_prefetch_bucket_size * d
     return min(model_bytes, window + prefetch)
 
 
@@ -641,7 +640,7 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
         largest = max(shape.embedding_params() * d, packed_4bit_bytes(param_counts(job, shape).largest_linear, storage))
         on_gpu = 0 if param_dev != "none" else -(-largest // world)
         partitioning = whole_model_bytes(job, shape, storage) + on_gpu
-    bucket = build_ds_config(job, strategy, shape)["zero_optimization"]["reduce_bucket_size"] * d
+    bucket = bucket_sizes(shape).reduce_bucket_size * d
     if opt_dev != "none":
         return max(partitioning, resident + bucket)
     t_shard = -(-t // world)
@@ -674,22 +673,22 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
     pinned RAM: fp32 master + Adam moments + fp32 grads (optimizer offload) and
     its param partition (param offload). With NVMe offload the master + moments
     (optimizer) or params move to the NVMe file and RAM keeps the fp32 grads and
-    swap buffers (buffer_count x buffer size from the DeepSpeed config).
+    swap buffers (count x size, as deepspeed_config.bucket_sizes gives them to DeepSpeed).
     """
     ranks = job.hardware.gpus_per_node
     opt_dev, param_dev = STRATEGIES[strategy].optimizer_offload, STRATEGIES[strategy].param_offload
     per_rank = dict(states.host)
     nvme = 0
-    zero = build_ds_config(job, strategy, shape)["zero_optimization"] if opt_dev == "nvme" or param_dev == "nvme" else {}
+    buckets = bucket_sizes(shape)
     if opt_dev == "nvme":
         nvme += per_rank.pop("master_weights", 0) + per_rank.pop("optimizer_states", 0)
         # swap buffers: buffer_count sub-groups of fp32 params + states in flight
         sub = min(param_counts(job, shape).trainable // job.hardware.world_size + 1, ZERO3_SUB_GROUP_ELEMENTS)
-        per_rank["nvme_swap_buffers"] = zero["offload_optimizer"]["buffer_count"] * sub * FP32
+        per_rank["nvme_swap_buffers"] = buckets.nvme_optimizer_buffer_count * sub * FP32
     if param_dev == "nvme":
         nvme += per_rank.pop("offloaded_params", 0)
-        off = zero["offload_param"]
-        per_rank["nvme_param_buffers"] = off["buffer_count"] * off["buffer_size"] * DTYPE_BYTES[job.model.dtype]
+        per_rank["nvme_param_buffers"] = (buckets.nvme_param_buffer_count * buckets.nvme_param_buffer_size
+                                          * DTYPE_BYTES[job.model.dtype])
     out = {k: v * ranks for k, v in per_rank.items()}
     out["processes"] = cal.host_process_bytes * ranks
     return out, nvme * ranks
