@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 1024**3
@@ -551,6 +551,3 @@ def format_params(n: int) -> str:
 def model_table() -> list[ModelInfo]:
     return [ModelInfo(name, shape) for name, shape in PRESETS.items()]
 
-
-def shape_dict(shape: ModelShape) -> dict:
-    return asdict(shape)

@@ -119,7 +119,8 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
 def _test_pause_in_save(step: int) -> None:
     """TEST-ONLY fault injection: ``ORCH_TEST_PAUSE_IN_SAVE=<step>`` sleeps here, after this
     rank's files are written and before ``COMPLETE``, so a test can SIGKILL the trainer
-    mid-save deterministically (tests/reliability/test_crash_resume.py). Unset in real runs."""
+    mid-save deterministically (tests/reliability/test_runtime_faults.py::
+    test_kill9_during_checkpoint_write_resumes_exactly). Unset in real runs."""
     want = os.environ.get("ORCH_TEST_PAUSE_IN_SAVE")
     if want and want == str(step):
         print(f"ORCH_TEST_PAUSE_IN_SAVE: paused in save of step {step}", file=sys.stderr, flush=True)

@@ -100,8 +100,9 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
 
     ``total_steps`` is the number of optimizer steps for the LR schedule; it
     defaults to ``training.max_steps``. Jobs given in epochs only know it once
-    the data is tokenized: the trainer passes it then, and the compiled file
-    records the placeholder value 1 with a note (see `orch compile`).
+    the data is tokenized, so their compiled file holds the placeholder 1 (JSON
+    has no comments to say so); the trainer, having counted the steps, replaces
+    that file's scheduler block before DeepSpeed reads it (``Trainer.ds_config``).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")

@@ -62,8 +62,6 @@ class LoadedModel:
     """The causal LM (a PEFT model for qlora/lora)."""
     base: nn.Module
     """The underlying HF ``*ForCausalLM`` (its ``.model`` and ``.lm_head`` are used by the chunked loss)."""
-    config: object
-    """The HF config."""
     quantized_modules: int
     """How many linear layers are 4-bit (0 unless qlora)."""
     zero3_config: object = None
@@ -433,7 +431,7 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
             p.requires_grad_(True)
     else:
         model = add_lora(job, model)
-    return LoadedModel(model=model, base=base, config=config, quantized_modules=nquant, zero3_config=keep_alive)
+    return LoadedModel(model=model, base=base, quantized_modules=nquant, zero3_config=keep_alive)
 
 
 def count_4bit(model: nn.Module) -> int:
@@ -537,6 +535,3 @@ def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor, softcap: floa
         logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(logits.float(), t, ignore_index=-100, reduction="sum")
 
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
