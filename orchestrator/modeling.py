@@ -19,7 +19,7 @@ Loading, per rank and onto that rank's own device (``cuda:<local_rank>`` or the 
 Under ZeRO-3 with lora/full (``load_model`` gets the DeepSpeed config) the model
 is never whole on a rank: random weights are built inside ``deepspeed.zero.Init``
 and initialized one gathered piece at a time with the same seeded values
-(``build_random_zero3``); pretrained weights load through ``HfDeepSpeedConfig``.
+(``build_random`` given the DeepSpeed config); pretrained weights load through ``HfDeepSpeedConfig``.
 
 For qlora under ZeRO-3 (4-bit weights cannot be created inside zero.Init)
 DeepSpeed partitions every parameter -- the packed
@@ -282,19 +282,50 @@ def check_cpu_4bit_shapes(model: nn.Module, block_size: int) -> None:
                 "use method lora here, or train on a GPU")
 
 
-def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int) -> tuple[nn.Module, int]:
-    """Build the model from ``config`` with random weights, materialized piece by piece on ``device``.
+def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int,
+                 ds_config: Optional[dict] = None) -> tuple[nn.Module, int]:
+    """Build the model from ``config`` with random weights, one piece at a time; returns it and its 4-bit count.
 
-    The meta-device model has every module and shape but no storage; each piece
-    is given storage (``to_empty``), initialized from a generator seeded by
-    (seed, piece index) -- identical on every rank -- and, for qlora, its
-    decoder-layer linears are quantized before the next piece is built.
+    The pieces are the embedding, each decoder layer, the final norm and the lm_head
+    (unless tied). Piece i is initialized by ``_init_module_`` (the family's init rule) from a
+    generator seeded by (seed, i), so every rank -- and both ways of building below -- gets the
+    same values.
+
+    * Without ``ds_config`` the model is created on the meta device (no storage); each
+      piece is given storage on ``device`` (``to_empty``), initialized and, for qlora
+      (``quant``), its decoder-layer linears are quantized before the next piece is built.
+    * With ``ds_config`` (ZeRO-3, lora/full) it is created inside ``deepspeed.zero.Init``,
+      so every parameter is split across ranks as its module is constructed and no rank
+      ever holds the whole model. Each piece is gathered alone (``GatheredParameters``),
+      rank 0 writes the values and DeepSpeed re-partitions it from rank 0's copy.
+      transformers' own init is skipped (``_no_init_weights``). 4-bit weights cannot be
+      created inside zero.Init, so ``quant`` must be None here.
     """
     from transformers import AutoModelForCausalLM
 
+    if quant is not None and ds_config is not None:
+        raise ValueError("build_random: 4-bit layers cannot be built inside deepspeed.zero.Init")
     dtype = torch_dtype(job.model.dtype)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
+    if ds_config is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
+    else:
+        import deepspeed
+        import torch.distributed as dist
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
+        # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
+        # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
+        # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
+        # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
+        # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
+        # piece is written below anyway.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
+        rank = dist.get_rank() if dist.is_initialized() else 0
     inner = model.model
     rule = init_rule(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -307,8 +338,13 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
         pieces.append((model.lm_head, False))
     quantized = 0
     for index, (piece, is_layer) in enumerate(pieces):
-        piece.to_empty(device=device)
         gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
+        if ds_config is not None:
+            with deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=0):
+                if rank == 0:
+                    _init_module_(piece, rule, gen)
+            continue
+        piece.to_empty(device=device)
         _init_module_(piece, rule, gen)
         if quant is not None and is_layer:
             quantized += _quantize_linears_(piece, quant, list(job.quantization.skip_modules), device)
@@ -320,52 +356,6 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
         model.is_loaded_in_4bit = True
         keep_portable_cpu_4bit_(model)
     return model, quantized
-
-
-def build_random_zero3(job: JobSpec, config, ds_config: dict, device: torch.device, seed: int) -> nn.Module:
-    """``build_random`` for ZeRO-3 (lora/full): the model is created already partitioned.
-
-    Under ``deepspeed.zero.Init`` every parameter is split across ranks as its
-    module is constructed, so no rank ever holds the whole model. Each piece is
-    then gathered alone (``GatheredParameters``), rank 0 writes the same seeded
-    values as ``build_random`` (same generator per (seed, piece index), same
-    ``_init_module_``) and DeepSpeed re-partitions it from rank 0's copy.
-    transformers' own init is skipped (``_no_init_weights``).
-    """
-    import deepspeed
-    import torch.distributed as dist
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
-
-    dtype = torch_dtype(job.model.dtype)
-    # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
-    # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
-    # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
-    # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
-    # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
-    # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
-    # piece is written below anyway.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
-    inner = model.model
-    rule = init_rule(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-
-    pieces: list[nn.Module] = [inner.embed_tokens, *inner.layers, inner.norm]
-    if not tied:
-        pieces.append(model.lm_head)
-    for index, piece in enumerate(pieces):
-        with deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=0):
-            if rank == 0:
-                gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
-                _init_module_(piece, rule, gen)
-    if tied:
-        model.lm_head.weight = inner.embed_tokens.weight
-    _rebuild_rotary_(inner, device)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -388,10 +378,8 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
     config = hf_config(job)
     quant = bnb_settings(job, sharded) if job.method == "qlora" else None
     keep_alive = None
-    if job.model.weights == "random" and partitioned_load:
-        model, nquant = build_random_zero3(job, config, ds_config, device, seed), 0
-    elif job.model.weights == "random":
-        model, nquant = build_random(job, config, device, quant, seed)
+    if job.model.weights == "random":
+        model, nquant = build_random(job, config, device, quant, seed, ds_config if partitioned_load else None)
     elif partitioned_load:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
