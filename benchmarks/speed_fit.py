@@ -96,7 +96,7 @@ def processed_per_loss_token(job: JobSpec, step: int) -> float:
         rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size))
     t = job.training
     batcher = D.Batcher(rows, t.seed, t.micro_batch_size, job.grad_accum(), job.hardware.world_size)
-    return t.global_batch_size * job.data.seq_len / batcher.step_tokens(step)
+    return t.global_batch_size * job.data.seq_len / batcher.step_loss_tokens(step)
 
 
 def from_memory_accuracy(path: Path, rows: list[dict]) -> list[Measured]:

@@ -319,7 +319,6 @@ class Batcher:
 
     def __post_init__(self) -> None:
         self._loss_tokens = self.rows.loss_tokens()
-        self._real_tokens = (self.rows.targets != IGNORE).sum(axis=1)
         self._perms: dict[int, np.ndarray] = {}
 
     @property
@@ -351,12 +350,9 @@ class Batcher:
         return self.step_rows(step)[start:start + self.micro_batch]
 
     def step_loss_tokens(self, step: int) -> int:
-        """Loss tokens of the whole optimizer step over all ranks."""
+        """Loss tokens (not padding, not masked prompt) of the whole optimizer step over all ranks: the loss
+        divides by them, and tokens/s counts them."""
         return int(self._loss_tokens[self.step_rows(step)].sum())
-
-    def step_tokens(self, step: int) -> int:
-        """Trained (non-padding, loss-bearing) tokens of the step over all ranks, for tokens/s."""
-        return int(self._real_tokens[self.step_rows(step)].sum())
 
     def micro_batch_arrays(self, step: int, micro: int, rank: int) -> dict[str, np.ndarray]:
         idx = self.micro_rows(step, micro, rank)

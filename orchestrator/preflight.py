@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 from orchestrator import memory
+from orchestrator.catalog import GIB
 from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec
 from orchestrator.strategy import STRATEGIES
-
-FP32 = 4
 
 
 class PreflightError(OrchError):
@@ -43,12 +42,12 @@ def checkpoint_bytes(job: JobSpec, strategy: str) -> int:
     counts = memory.param_counts(job, shape)
     d = memory.DTYPE_BYTES[job.model.dtype]
     if job.method == "full":
-        return counts.total * d + counts.trainable * 3 * FP32
+        return counts.total * d + counts.trainable * 3 * memory.FP32
     storage = job.quantization.storage_for(STRATEGIES[strategy].sharded)
     _, _, consts = memory.base_weight_bytes(job, shape, storage)
     lora_weights = counts.lora * d
     # the LoRA weights are written twice: in the module state and as the PEFT adapter
-    return consts + 2 * lora_weights + counts.trainable * 3 * FP32
+    return consts + 2 * lora_weights + counts.trainable * 3 * memory.FP32
 
 
 def check_output_dir(out: Path, need: int) -> None:
@@ -63,5 +62,5 @@ def check_output_dir(out: Path, need: int) -> None:
         raise PreflightError(f"{field}: {str(probe)!r} is not writable")
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise PreflightError(f"{field}: {str(probe)!r} has {free / 2**30:.1f} GiB free, one checkpoint of this job "
-                             f"needs {need / 2**30:.1f} GiB")
+        raise PreflightError(f"{field}: {str(probe)!r} has {free / GIB:.1f} GiB free, one checkpoint of this job "
+                             f"needs {need / GIB:.1f} GiB")

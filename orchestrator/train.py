@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from orchestrator.catalog import GIB
 from orchestrator.errors import Exit, OrchError, print_error
 
 
@@ -337,7 +338,7 @@ class Trainer:
                     bar.close()
                 raise
             self.step += 1
-            window_tokens += self.batcher.step_tokens(step)
+            window_tokens += step_tokens
             if self.step % log_every == 0 or self.step == self.total_steps:
                 # the only sync per log step: the step loss over all ranks
                 if self.world > 1:
@@ -392,7 +393,7 @@ class Trainer:
         used = torch.cuda.max_memory_allocated() if self.cuda else None
         pred = predicted(self.job, self.strategy)
         nxt = next_strategy(self.job, self.strategy)
-        gib = lambda b: "unknown" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+        gib = lambda b: "unknown" if b is None else f"{b / GIB:.2f} GiB"  # noqa: E731
         return (f"out of GPU memory on rank {self.rank} at step {self.step} with strategy {self.strategy}: "
                 f"predicted peak {gib(pred[0])}, used {gib(used)} (max allocated); "
                 + (f"try strategy={nxt} (orch plan shows the options)" if nxt else "no larger-saving strategy left: "
@@ -578,7 +579,7 @@ def param_bytes(module) -> tuple[int, int, int, int]:
 
 
 def render_summary(s: dict) -> str:
-    gib = lambda b: "n/a" if b is None else f"{b / 2**30:.3f} GiB"  # noqa: E731
+    gib = lambda b: "n/a" if b is None else f"{b / GIB:.3f} GiB"  # noqa: E731
     lines = [f"orch: {s['job']}: {s['steps']} steps, final loss {s['final_loss']}, {s['strategy']} on {s['world_size']} x {s['device']}"]
     lines.append(f"  peak allocated: measured {gib(s['peak_allocated_bytes'])}, predicted {gib(s['predicted_peak_bytes'])}, "
                  f"error {s['error_pct'] if s['error_pct'] is not None else 'n/a'} %")
@@ -602,13 +603,13 @@ def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
     for rank, recs in sorted(runs.items()):
         steps = [r["step"] for r in recs]
         if recs[0].get("mem_allocated") is not None:
-            ax.plot(steps, [r["mem_allocated"] / 2**30 for r in recs], label=f"rank {rank} allocated")
-            ax.plot(steps, [r["mem_peak"] / 2**30 for r in recs], "--", label=f"rank {rank} peak")
-            ax.plot(steps, [r["mem_reserved"] / 2**30 for r in recs], ":", label=f"rank {rank} reserved")
+            ax.plot(steps, [r["mem_allocated"] / GIB for r in recs], label=f"rank {rank} allocated")
+            ax.plot(steps, [r["mem_peak"] / GIB for r in recs], "--", label=f"rank {rank} peak")
+            ax.plot(steps, [r["mem_reserved"] / GIB for r in recs], ":", label=f"rank {rank} reserved")
         else:
-            ax.plot(steps, [r["cpu_rss"] / 2**30 for r in recs], label=f"rank {rank} CPU RSS")
+            ax.plot(steps, [r["cpu_rss"] / GIB for r in recs], label=f"rank {rank} CPU RSS")
     if summary.get("predicted_peak_bytes"):
-        ax.axhline(summary["predicted_peak_bytes"] / 2**30, color="red", label="predicted peak")
+        ax.axhline(summary["predicted_peak_bytes"] / GIB, color="red", label="predicted peak")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("GiB")
     ax.set_title(f"{summary['job']} ({summary['strategy']}, {summary['world_size']} ranks)")
