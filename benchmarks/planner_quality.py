@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_accuracy import make_job, prepare_run, select_named  # noqa: E402
-from benchmarks.throughput import Case, add_timing_args, check_timing_args, machine, run_orch, versions  # noqa: E402
+from benchmarks.common import add_timing_args, check_timing_args, machine, make_job, prepare_run, select_named, versions  # noqa: E402
+from benchmarks.throughput import Case, run_orch  # noqa: E402
 from orchestrator import planner  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -21,7 +21,7 @@ Tokens: the planner predicts processed tokens per second (micro batch x seq_len 
 micro step, padding included), as throughput.py and planner_quality.py measure them. The
 memory-accuracy runs recorded the trainer's own tokens_per_s of their last step, which counts
 loss-bearing tokens only; those rows are converted exactly: their synthetic data is rebuilt
-(memory_accuracy.write_data is seeded), tokenized with the same byte tokenizer, and the last
+(common.write_data is seeded), tokenized with the same byte tokenizer, and the last
 step's loss tokens counted with the trainer's Batcher.
 """
 
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_accuracy import Config, make_job, write_data  # noqa: E402
+from benchmarks.common import Config, make_job, write_data  # noqa: E402
 from orchestrator import planner  # noqa: E402
 from orchestrator.spec import JobSpec  # noqa: E402
 

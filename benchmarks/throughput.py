@@ -8,7 +8,7 @@
 For each case, on the same machine and one after the other, each in its own
 process (fresh CUDA context, clean peak-memory counters):
 
-* orch: the resolved job YAML (memory_accuracy's BASE + overrides, random
+* orch: the resolved job YAML (benchmarks/common.py's BASE + overrides, random
   weights, synthetic packed text) run by ``python -m orchestrator.train``
   (``deepspeed --num_gpus N --module orchestrator.train`` on N > 1 GPUs);
   step end times and per-step peak memory come from ``<output_dir>/metrics.jsonl``
@@ -37,13 +37,14 @@ checkpoint after the last step; its peak is taken from the per-step records, so
 that save is not in it. No checkpoint is written during the timed steps
 (``save_every: 0``; the baseline uses ``save_strategy="no"``).
 
-MFU = tokens/s x FLOPs per token / (GPUs x peak dense bf16 FLOP/s). FLOPs per
-token follow PaLM (appendix B): 6 N + 12 L (heads x head_dim) T, N = matmul
-weights (decoder linears + LM head; the embedding lookup is no matmul), T = seq_len.
-The 6 N convention counts weight gradients; with LoRA/QLoRA the frozen base gets
-none (about 4 N is really computed), and gradient-checkpointing recompute is not
-counted either, so MFU here is comparable between the two sides and with
-published MFU numbers, not a hardware utilization.
+MFU = tokens/s x FLOPs per token / (GPUs x peak dense 16-bit FLOP/s), both from
+orch: FLOPs per token as the planner's speed model counts them
+(``planner.flops_per_token``, weight matmuls plus attention: weight gradients only
+for trained weights, the checkpointing recompute and the chunked loss's LM-head
+recompute included), the GPU's peak from ``catalog.GPUS`` (the H100 PCIe and NVL
+count as the SXM part there). The same count on both sides, so the two MFUs
+compare. (benchmarks/results/throughput.json, measured 2026-11-23, used PaLM's
+6 N + 12 L (heads x head_dim) T instead.)
 
 Results: benchmarks/results/throughput.json (+ .md). Nothing in this file is a
 measurement: run it on the GPU machine (benchmarks/device/throughput.sh).
@@ -59,32 +60,24 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.memory_accuracy import Config, child_env, make_job, prepare_run, run_logged, select_named, trainer_command  # noqa: E402
-from orchestrator.catalog import GIB, PRESETS, ModelShape  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Config, add_timing_args, check_timing_args, child_env, machine, make_job, prepare_run, run_logged, select_named,
+    trainer_command, versions,
+)
+from orchestrator import planner  # noqa: E402
+from orchestrator.catalog import GIB, GPUS  # noqa: E402
+from orchestrator.spec import JobSpec  # noqa: E402
 from orchestrator.strategy import STRATEGIES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "throughput"
-
-# Peak dense (no sparsity) bf16 tensor FLOP/s per GPU, from the vendor data sheets.
-# Matched in order against torch.cuda.get_device_name(): the more specific names first.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-]
-
 
 @dataclass(frozen=True)
 class Case:
@@ -106,7 +99,7 @@ class Case:
     """A smoke case that runs on the CPU (no GPU check, no MFU)."""
 
     def overrides(self, steps: int) -> tuple[str, ...]:
-        """Spec overrides on memory_accuracy.BASE (LoRA alpha 32, dropout 0.05, nf4 + double quant)."""
+        """Spec overrides on common.BASE (LoRA alpha 32, dropout 0.05, nf4 + double quant)."""
         return (f"model.name={self.model}", f"model.dtype={self.dtype}", f"quantization.compute_dtype={self.dtype}",
                 f"method={self.method}", f"lora.r={self.lora_r}", f"data.seq_len={self.seq_len}",
                 f"training.micro_batch_size={self.micro_batch}",
@@ -117,8 +110,9 @@ class Case:
     def config(self, steps: int) -> Config:
         return Config(self.name, "throughput", self.strategy, self.gpus, self.overrides(steps))
 
-    def shape(self) -> ModelShape:
-        return PRESETS[self.model]
+    def job(self, steps: int) -> JobSpec:
+        """The resolved job of this case (what prepare_run writes), for its FLOP count without running it."""
+        return make_job(self.config(steps), RUNS / self.name / "out", RUNS / self.name / "data.jsonl", "throughput")
 
     def tokens_per_step(self) -> int:
         """Tokens the model processes per optimizer step over all GPUs (grad accumulation 1)."""
@@ -155,21 +149,14 @@ def steady_tokens_per_s(step_end_times: Sequence[float], warmup: int, tokens_per
     return (len(step_end_times) - warmup) * tokens_per_step / seconds if seconds > 0 else None
 
 
-def matmul_params(shape: ModelShape) -> int:
-    """Weights that take part in matmuls per token: decoder linears + LM head (tied or not)."""
-    return shape.num_hidden_layers * shape.layer_linear_params() + shape.vocab_size * shape.hidden_size
-
-
-def flops_per_token(shape: ModelShape, seq_len: int) -> int:
-    """PaLM's training FLOPs per token: 6 N + 12 L (heads x head_dim) T."""
-    return 6 * matmul_params(shape) + 12 * shape.num_hidden_layers * shape.q_dim * seq_len
-
-
 def peak_flops(device_name: str) -> Optional[float]:
-    """Peak dense bf16 FLOP/s of one GPU by name; None when unknown (CPU included)."""
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
+    """Dense 16-bit peak FLOP/s of the catalog GPU whose model (its name before '-': H100, L40S, RTX4090, ...)
+    appears in torch's device name ('NVIDIA H100 80GB HBM3'); the longest model name wins (L40S, not L4).
+    None when no catalog GPU matches (the CPU included)."""
+    compact = device_name.replace(" ", "").upper()
+    for name in sorted(GPUS, key=lambda n: -len(n.split("-")[0])):
+        if name.split("-")[0].upper() in compact:
+            return GPUS[name].peak_tflops * 1e12
     return None
 
 
@@ -422,11 +409,11 @@ def run_case(case: Case, steps: int, warmup: int, timeout: int, device: str, gpu
         row["skipped"] = f"needs {case.gpus} GPUs, this machine has {gpus_available}"
         return row
     run_dir = RUNS / case.name
-    _, job_path = prepare_run(case.config(steps), run_dir, name_prefix="throughput")
+    job, job_path = prepare_run(case.config(steps), run_dir, name_prefix="throughput")
     row["job"] = str(job_path)
     row["orch"] = run_orch(case, run_dir, job_path, steps, warmup, timeout)
     row["baseline"] = run_baseline(case, run_dir, job_path, steps, warmup, timeout)
-    fpt = flops_per_token(case.shape(), case.seq_len)
+    fpt = sum(planner.flops_per_token(job, job.shape()))  # weight matmuls + attention
     peak = None if case.cpu else peak_flops(device)
     row.update(flops_per_token=fpt, peak_flops_per_gpu=peak)
     for side in ("orch", "baseline"):
@@ -474,9 +461,9 @@ NOTES = """\
   first {warmup} (warm-up excluded), from each side's step end times (GPU synced at every step end).
 - speedup = orch tok/s / baseline tok/s (> 1: orch faster); memory ratio = orch peak / baseline peak (< 1: orch
   smaller). Peak = torch.cuda.max_memory_allocated during training, reset after the model is built (max over ranks).
-- MFU uses PaLM's 6 N + 12 L (heads x head_dim) seq_len FLOPs per token with N = decoder linears + LM head, and
-  the 6 N convention also for LoRA/QLoRA (whose frozen base gets no weight gradients: ~4 N is really computed);
-  recompute of gradient checkpointing is not counted.
+- MFU uses the FLOP count of orch's speed model (planner.flops_per_token: weight matmuls forward and backward,
+  weight gradients of trained weights only, the checkpointing and LM-head recomputes, attention as the full
+  square) and the GPU's dense 16-bit peak from orch's catalog.
 - Same job on both sides: same preset shape with random weights, LoRA r/alpha/dropout on all decoder linears, nf4
   + double quant (qlora), gradient checkpointing (non-reentrant), AdamW, lr and schedule, and the same packed rows
   (orch's byte-level tokenizer and packing of the same synthetic file; the baseline gets them with position_ids).
@@ -503,40 +490,6 @@ def save(rows: list[dict], meta: dict, out: Path) -> None:
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
-def versions() -> dict:
-    found = {}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed"):
-        try:
-            found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            found[pkg] = None
-    return found
-
-
-def machine() -> tuple[str, int]:
-    """(device name, GPU count) without creating a CUDA context in this process."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0), torch.cuda.device_count()
-        return "cpu", 0
-    except Exception:  # noqa: BLE001 - no torch: report rather than fail
-        return "unknown", 0
-
-
-def add_timing_args(ap: argparse.ArgumentParser, steps: int, timeout: int, timeout_help: str) -> None:
-    """--timeout/--steps/--warmup, shared with benchmarks/planner_quality.py (same timing rule)."""
-    ap.add_argument("--timeout", type=int, default=timeout, help=timeout_help)
-    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (>= 1)")
-
-
-def check_timing_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 1 <= args.warmup < args.steps:
-        ap.error("--warmup must be at least 1 and less than --steps")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated case names")
@@ -557,8 +510,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         print(f"{'case':<22} {'method':<6} {'model':<10} {'GPUs':>4} {'mb':>3} {'seq':>5} {'GFLOP/token':>11}")
         for c in cases:
+            job = c.job(args.steps)
             print(f"{c.name:<22} {c.method:<6} {c.model:<10} {c.gpus:>4} {c.micro_batch:>3} {c.seq_len:>5} "
-                  f"{flops_per_token(c.shape(), c.seq_len) / 1e9:>11.2f}")
+                  f"{sum(planner.flops_per_token(job, job.shape())) / 1e9:>11.2f}")
         return 0
 
     out = Path(args.out) if args.out else RESULTS / ("throughput_tiny.json" if args.tiny else "throughput.json")

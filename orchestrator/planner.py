@@ -187,15 +187,35 @@ def valid_strategies(job: JobSpec) -> list[str]:
 # Speed model
 
 
+def flops_per_token(job: JobSpec, shape: ModelShape) -> tuple[int, int]:
+    """(weight-matmul FLOPs, attention FLOPs) per token of one forward + backward, as the speed model
+    counts them (the throughput benchmark's MFU uses the same count).
+
+    Forward 2 per weight (decoder linears, LoRA A/B, LM head) and 4 x layers x seq x heads*head_dim
+    for the attention scores and weighted sum (the full square: packed rows carry a block mask, no
+    causal skipping); backward computes input gradients (as much again, attention twice) and weight
+    gradients of trained weights only (2 each); the checkpointing recompute repeats the decoder
+    forward, and the chunked loss always recomputes the LM head.
+    """
+    t, data = job.training, job.data
+    ckpt = bool(t.gradient_checkpointing)
+    counts = memory.param_counts(job, shape)
+    head = shape.vocab_size * shape.hidden_size
+    attn = 4 * shape.num_hidden_layers * data.seq_len * shape.q_dim
+    weights_fwd = 2 * counts.linear + 2 * counts.lora
+    weights = weights_fwd + 2 * head + 2 * counts.linear + 2 * head + 4 * counts.lora  # forward + backward
+    if job.method == "full":
+        weights += 2 * counts.linear + 2 * head
+    weights += (weights_fwd if ckpt else 0) + (2 * head if t.loss_chunk_tokens else 0)
+    attention = attn + 2 * attn + (attn if ckpt else 0)
+    return weights, attention
+
+
 def micro_step_seconds(job: JobSpec, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
     """Predicted seconds of one forward + backward of one micro batch on one GPU (no communication).
 
-    FLOPs per token, by matmul: forward 2 per weight (decoder linears, LoRA A/B, LM head) and
-    4 x layers x seq x heads*head_dim for the attention scores and weighted sum (the full square:
-    packed rows carry a block mask, no causal skipping); backward computes input gradients (as
-    much again, attention twice) and weight gradients of trained weights only (2 each); the
-    checkpointing recompute repeats the decoder forward, and the chunked loss always recomputes
-    the LM head. Weight FLOPs run at peak_mfu, attention FLOPs at attention_mfu. Memory traffic: each layer's saved activations cross HBM activation_moves times
+    FLOPs per token (``flops_per_token``): weight FLOPs run at peak_mfu, attention FLOPs at
+    attention_mfu. Memory traffic: each layer's saved activations cross HBM activation_moves times
     (+1 with checkpointing), and qlora dequantizes every 4-bit weight in each pass. Fixed: a
     launch overhead per layer per pass unit.
     """
@@ -203,15 +223,7 @@ def micro_step_seconds(job: JobSpec, shape: ModelShape, speed: SpeedModel = SPEE
     ckpt = bool(t.gradient_checkpointing)
     tokens = t.micro_batch_size * data.seq_len
     layers = shape.num_hidden_layers
-    counts = memory.param_counts(job, shape)
-    head = shape.vocab_size * shape.hidden_size
-    attn = 4 * layers * data.seq_len * shape.q_dim
-    weights_fwd = 2 * counts.linear + 2 * counts.lora
-    weights = weights_fwd + 2 * head + 2 * counts.linear + 2 * head + 4 * counts.lora  # forward + backward
-    if job.method == "full":
-        weights += 2 * counts.linear + 2 * head
-    weights += (weights_fwd if ckpt else 0) + (2 * head if t.loss_chunk_tokens else 0)
-    attention = attn + 2 * attn + (attn if ckpt else 0)
+    weights, attention = flops_per_token(job, shape)
     peak = job.hardware.gpu_tflops() * 1e12
     seconds = tokens * (weights / (peak * speed.peak_mfu) + attention / (peak * speed.attention_mfu))
     saved = memory.layer_activation_bytes(job, shape, tokens, data.seq_len) * layers

@@ -40,6 +40,24 @@ def test_valid_strategies():
     assert planner.valid_strategies(bad) == ["zero2"]
 
 
+def test_flops_per_token_hand_computed():
+    # llama3-8b: decoder linears 32 x 218,103,808 = 6,979,321,856; LM head 128256 x 4096 = 525,336,576;
+    # attention 4 x 32 layers x 2048 seq x 4096 (32 heads x 128) = 1,073,741,824 per token.
+    # LoRA r 16 on all 7 linears, per layer r x (in + out): q, o 16 x 8192 = 131,072 each; k, v 16 x 5120 =
+    # 81,920 each; gate, up, down 16 x 18432 = 294,912 each -> 1,310,720 x 32 layers = 41,943,040.
+    linear, head, lora, attn = 6_979_321_856, 525_336_576, 41_943_040, 1_073_741_824
+    qlora = load("llama8b_qlora_24gb.yaml", "data.seq_len=2048", "lora.r=16", "lora.target_modules=all-linear",
+                 "training.gradient_checkpointing=true", "training.loss_chunk_tokens=4096")
+    # weights: forward 2 linear + 2 LoRA + 2 head; backward input grads 2 linear + 2 head, LoRA A/B input and
+    # weight grads 4 LoRA; checkpointing recomputes the decoder (2 linear + 2 LoRA); the chunked loss the head (2 head).
+    # attention: forward 1, backward 2, recompute 1.
+    assert planner.flops_per_token(qlora, qlora.shape()) == (6 * linear + 8 * lora + 6 * head, 4 * attn)
+    full = load("llama8b_qlora_24gb.yaml", "data.seq_len=2048", "method=full", "training.gradient_checkpointing=false",
+                "training.loss_chunk_tokens=4096")
+    # every weight trained: + weight grads 2 linear + 2 head; no decoder recompute
+    assert planner.flops_per_token(full, full.shape()) == (6 * linear + 8 * head, 3 * attn)
+
+
 def test_8b_qlora_on_24gb_picks_single_gpu():
     result = planner.plan(load("llama8b_qlora_24gb.yaml"))
     assert result.chosen == "single_gpu"
