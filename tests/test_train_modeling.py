@@ -90,11 +90,13 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 
 def test_lora_trains_only_adapters_in_model_dtype(tmp_path):
-    job = _job(tmp_path, method="qlora")
+    # PEFT creates a 4-bit layer's adapters in that layer's compute dtype. A bf16 model computing in
+    # fp32 gets fp32 adapters from PEFT; add_lora must cast them to model.dtype, bf16.
+    job = _job(tmp_path, method="qlora", model={"dtype": "bf16"}, quantization={"compute_dtype": "fp32"})
     loaded = M.load_model(job, "single_gpu", CPU, seed=0)
     trainable = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in trainable.values())
     # every decoder linear got an adapter: 14 modules x (A, B)
     assert len(trainable) == 28
 
