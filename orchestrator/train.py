@@ -394,7 +394,7 @@ class Trainer:
         pred = predicted(self.job, self.strategy)
         nxt = next_strategy(self.job, self.strategy)
         gib = lambda b: "unknown" if b is None else f"{b / GIB:.2f} GiB"  # noqa: E731
-        return (f"out of GPU memory on rank {self.rank} at step {self.step} with strategy {self.strategy}: "
+        return (f"out of GPU memory on rank {self.rank} in step {self.step + 1} with strategy {self.strategy}: "
                 f"predicted peak {gib(pred[0])}, used {gib(used)} (max allocated); "
                 + (f"try strategy={nxt} (orch plan shows the options)" if nxt else "no larger-saving strategy left: "
                    "lower training.micro_batch_size or data.seq_len, or add GPUs"))

@@ -57,7 +57,7 @@ def test_oom_message_names_prediction_use_and_next_strategy(tmp_path):
 
     trainer.torch, trainer.cuda, trainer.rank = torch, False, 1
     msg = trainer.oom_message()
-    assert msg.startswith("out of GPU memory on rank 1 at step 0 with strategy zero2: predicted peak ")
+    assert msg.startswith("out of GPU memory on rank 1 in step 1 with strategy zero2: predicted peak ")
     assert "try strategy=zero3" in msg and "\n" not in msg
 
 
