@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import preflight, spec
+from orchestrator import cli, planner, preflight, spec
+from orchestrator.catalog import GIB
 from orchestrator.errors import Exit
 from tests.cli_helpers import REPO_ROOT, run_orch
 from tests.train_helpers import env as train_env
@@ -139,16 +140,25 @@ def test_output_dir_not_writable(tmp_path: Path) -> None:
         ro.chmod(0o700)
 
 
-def test_output_dir_without_room_for_a_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("room", ["one byte short", "just enough"])
+def test_output_dir_without_room_for_a_checkpoint(tmp_path: Path, monkeypatch, capsys, room: str) -> None:
+    monkeypatch.chdir(REPO_ROOT)
     job_file = REPO_ROOT / "jobs" / "llama13b_full_offload.yaml"
     job = spec.load_job(job_file, check_paths=False)
-    need = preflight.checkpoint_bytes(job, "zero3_offload_all")
-    free = shutil.disk_usage(tmp_path).free
-    if free >= need:
-        pytest.skip(f"{tmp_path} has {free} bytes free, more than a 13B full checkpoint ({need})")
-    proc = run_orch("submit", job_file, f"training.output_dir={tmp_path}/run", "--out", tmp_path / "gen",
-                    env={"PATH": str(tmp_path)})  # no sbatch: the space check must come first
-    _one_line_error(proc, 4, "training.output_dir", "GiB free", "needs")
+    strategy, resolved = planner.resolve(job)
+    need = preflight.checkpoint_bytes(resolved, strategy)
+    free = need - 1 if room == "one byte short" else need
+    monkeypatch.setattr(preflight, "disk_free", lambda folder: free)  # what the file system would report
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: the space check must come first
+    code = cli.main(["submit", str(job_file), f"training.output_dir={tmp_path}/run", "--out", str(tmp_path / "gen")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == Exit.SUBMIT_FAILED and len(err) == 1, err
+    if room == "one byte short":
+        # 13B full: bf16 weights (2 B) + fp32 master and Adam moments (12 B) per parameter, about 170 GiB
+        assert err[0] == (f"orch: error: training.output_dir: {str(tmp_path)!r} has {free / GIB:.1f} GiB free, "
+                          f"one checkpoint of this job needs {need / GIB:.1f} GiB")
+    else:
+        assert err[0].startswith("orch: error: sbatch not found on PATH")  # past the room check
     assert _files(tmp_path) == []
 
 
