@@ -541,15 +541,12 @@ def test_bad_explicit_tag_is_a_spec_error(workdir: Path) -> None:
 
 
 def test_deep_flow_nesting_rejected_before_parsing(workdir: Path) -> None:
-    """Thousands of '[' used to cost ~1 s of recursion in PyYAML each; now a bracket count rejects them."""
-    import time
-
+    """Thousands of '[' used to cost ~1 s of recursion in PyYAML each; now a bracket count rejects them
+    (its message, with the line and the limit, is not PyYAML's)."""
     text = BASE + "x: " + "[" * 200_000 + "]" * 200_000 + "\n"
     (workdir / "job.yaml").write_text(text)
-    start = time.perf_counter()
     with pytest.raises(spec.SpecError) as exc:
         spec.load_job("job.yaml")
-    assert time.perf_counter() - start < 1.0
     assert str(exc.value) == f"job.yaml:{line_of(text, 'x: [')}: YAML nested too deeply (more than 64 levels of [ or {{)"
     # 64 levels are fine (and rejected only for being an unknown key).
     (workdir / "job.yaml").write_text(BASE + "x: " + "[" * 64 + "]" * 64 + "\n")

@@ -247,19 +247,17 @@ def test_full_zero3_exports_hf_model_from_final_checkpoint(tmp_path, full_z3):
     assert n == len(list(model.parameters()))
 
 
-def test_demo_job_trains_in_seconds(tmp_path):
-    """jobs/tiny.yaml as shipped (what `orch submit jobs/tiny.yaml --local` runs), strategy chosen by the planner."""
+def test_demo_job_trains(tmp_path):
+    """jobs/tiny.yaml as shipped (what `orch submit jobs/tiny.yaml --local` runs), strategy chosen by the planner.
+    (How long it takes is the README's fresh-clone timing, not a test's business.)"""
     from tests.train_helpers import REPO
 
-    t0 = time.time()
     proc = run_trainer(REPO / "jobs" / "tiny.yaml", 1, cwd=REPO,
                        overrides=(f"training.output_dir={tmp_path / 'tiny'}", "logging.wandb_mode=disabled"))
     check(proc)
-    elapsed = time.time() - t0
     l = losses(tmp_path / "tiny")
     assert len(l) == 30 and l[30] < l[1] - 0.3, l  # measured 6.27 -> 5.71
     assert summary(tmp_path / "tiny")["predicted_peak_bytes"] > 0  # orch's memory model was consulted
-    assert elapsed < 120, elapsed  # ~25 s on the 2-core dev machine, including imports
 
 
 def test_full_zero3_builds_partitioned_half_params_per_rank(full_z3):
