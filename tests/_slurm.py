@@ -1,48 +1,12 @@
-"""The local Slurm cluster for tests (scripts/local-slurm.sh), and helpers to run jobs on it.
-
-Import the fixture into a test module: ``from _slurm import slurm_env  # noqa: F401``.
-"""
+"""Helpers to run jobs on the tests' local Slurm cluster (the `slurm_env` fixture in conftest.py starts it)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "local-slurm.sh"
-
-
-def _can_be_root() -> bool:
-    if os.geteuid() == 0:
-        return True
-    return shutil.which("sudo") is not None and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
-    """Start (idempotently) the 2-node local cluster; the environment for sbatch/srun and orch.
-
-    Skips only where the cluster cannot be set up: Slurm missing and no apt-get, or
-    neither root nor passwordless sudo.
-    """
-    if not _can_be_root():
-        pytest.skip("the local Slurm cluster needs root or passwordless sudo (scripts/local-slurm.sh)")
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("Slurm is not installed and apt-get is unavailable to install it")
-    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"local-slurm.sh failed:\n{proc.stderr[-3000:]}"
-    conf = proc.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
-    env = dict(os.environ)
-    env["SLURM_CONF"] = conf
-    # Jobs inherit this environment (sbatch --export=ALL): the worktree's orch wins over
-    # the venv's editable install.
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
 
 
 def wait_for_job(job_id: str, env: dict, timeout: float) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._slurm import REPO, slurm_env  # noqa: F401
+from tests._slurm import REPO
 from tests.golden_cases import CASES
 from orchestrator import compiler, planner
 from orchestrator.cli import main as orch_main

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._slurm import REPO, slurm_env, wait_for_job  # noqa: F401
+from tests._slurm import REPO, wait_for_job
 
 pytestmark = pytest.mark.slurm
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._slurm import REPO, slurm_env, wait_for_job  # noqa: F401
+from tests._slurm import REPO, wait_for_job
 from orchestrator import compiler, submit
 from orchestrator.errors import OrchError
 from orchestrator.spec import load_job

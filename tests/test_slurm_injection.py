@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._slurm import REPO, sbatch, slurm_env, wait_for_job  # noqa: F401
+from tests._slurm import REPO, sbatch, wait_for_job
 from orchestrator import compiler
 from orchestrator.slurm import render_sbatch
 from orchestrator.spec import load_job
