@@ -5,7 +5,8 @@ exactly like orchestrator.train. It does a real torch.distributed gloo
 all-reduce over all ranks and writes what it saw to
 ``<training.output_dir>/probe/run<restart>-rank<r>.json``. With
 ORCH_PROBE_WAIT_USR1=1 (and no --resume) it waits for SIGUSR1 like a trainer
-waiting for a step boundary, then writes a marker and exits 75 like the trainer after its checkpoint.
+waiting for a step boundary, then writes ``usr1-rank<r>`` (the exit code it is about to return) and
+exits with Exit.REQUEUE as the trainer does after its checkpoint; it writes no checkpoint.
 """
 
 import argparse
@@ -17,6 +18,8 @@ import sys
 import time
 
 import yaml
+
+from orchestrator.errors import Exit
 
 
 def main() -> int:
@@ -52,16 +55,18 @@ def main() -> int:
     }
     with open(os.path.join(out, f"run{restart}-rank{rank}.json"), "w") as f:
         json.dump(info, f)
+    code = Exit.OK
     if os.environ.get("ORCH_PROBE_WAIT_USR1") == "1" and not args.resume:
         deadline = time.time() + 120
         while not got_usr1 and time.time() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)  # still alive a moment later: the launcher above us did not die of USR1
+        # Like the trainer: REQUEUE = "stopped on SIGUSR1 (after a checkpoint, for the trainer), requeue me".
+        code = Exit.REQUEUE if got_usr1 else Exit.OK
         with open(os.path.join(out, f"usr1-rank{rank}"), "w") as f:
-            f.write(str(bool(got_usr1)))
+            f.write(f"exit {int(code)}")
     dist.destroy_process_group()
-    # Like the trainer: 75 = "checkpoint written after SIGUSR1, requeue me".
-    return 75 if got_usr1 else 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """End to end: `orch submit` really trains on the local 2-node Slurm cluster, and
 `orch submit --local` through the deepspeed launcher on this machine.
 
-The trainer (orchestrator.train) and the planner come from other branches; until
-they are merged the trainer tests skip with that reason. The launch path itself
-is covered now by tests/test_slurm_launch.py (same script, a gloo probe as ranks)
-and by test_local_launch_runs_ranks_on_cpu below.
+What each rank of the launch saw (node, local rank, rendezvous, argv) is checked with a gloo
+probe as the ranks in tests/test_slurm_launch.py and test_local_launch_runs_ranks_on_cpu below;
+the trainer records none of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -26,16 +24,11 @@ from orchestrator import compiler, submit
 from orchestrator.errors import OrchError
 from orchestrator.spec import load_job
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("orchestrator.train") is None,
-                                   reason="orchestrator.train is not merged into this branch yet")
-
-
 def orch(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 
 
-@needs_trainer
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_submit_tiny_two_nodes_trains_to_the_last_step(slurm_env, tmp_path):
@@ -62,7 +55,6 @@ def test_submit_tiny_two_nodes_trains_to_the_last_step(slurm_env, tmp_path):
     assert shown.returncode == 0 and shown.stdout == text
 
 
-@needs_trainer
 @pytest.mark.slow
 def test_submit_local_tiny_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
@@ -101,7 +93,6 @@ def test_local_refuses_multi_node(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@needs_trainer
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_the_trainer(slurm_env, tmp_path):

@@ -53,7 +53,8 @@ def test_hostile_spec_submits_and_runs_without_injection(slurm_env, tmp_path):
     job = load_job(job_file)
     compiled = compiler.build(job, root / "out")
     compiler.write(compiled)
-    # The ranks run the launch probe (orchestrator.train is merged separately).
+    # The ranks run the launch probe: it records the job name each rank read from the compiled job,
+    # which the trainer does not report, and a 2-node trainer run would only add minutes.
     probe_dir = tmp_path / "probe_pkg"
     probe_dir.mkdir()
     shutil.copy(REPO / "tests" / "launch_probe.py", probe_dir / "_orch_launch_probe.py")
