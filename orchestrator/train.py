@@ -129,6 +129,10 @@ class Trainer:
             # N processes on one CPU: split the cores instead of oversubscribing them.
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        from orchestrator import jit_ops
+
+        # Before DeepSpeed builds it itself: a lock left by a killed build would hang this run forever.
+        jit_ops.load_ops([jit_ops.SHM_COMM])
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
         self.dist = torch.distributed
         job = self.job
@@ -221,6 +225,10 @@ class Trainer:
         if self.engine_kind == "plain":
             self.engine = E.PlainEngine(self.module, E.EngineConfig.from_deepspeed(self.deepspeed_config))
         if self.engine_kind == "deepspeed":
+            from orchestrator import jit_ops
+            from orchestrator.strategy import STRATEGIES
+
+            jit_ops.load_ops(jit_ops.optimizer_ops(STRATEGIES[self.strategy], self.cuda))
             params = [p for p in self.module.parameters() if p.requires_grad]
             self.engine, _, _, _ = deepspeed.initialize(model=self.module, model_parameters=params,
                                                         config=self.deepspeed_config)
