@@ -167,6 +167,13 @@ class Trainer:
         if self.resume:
             self._resume()
         self._setup_logging()
+        if self.is_main:
+            from orchestrator.memory import estimate
+            from orchestrator.progress import RunInfo
+
+            est = estimate(job, self.strategy)
+            RunInfo(job.name, self.strategy, self.world, self.total_steps, self.step, time.time(), est.peak_allocated,
+                    est.eval_peak).write(self.out)
 
     def _seed(self, seed: int) -> None:
         import random
