@@ -436,3 +436,7 @@ def test_planner_fits_the_larger_of_training_and_eval_peaks():
     no_fit = planner.plan(job(*base, "training.eval_micro_batch_size=64", f"hardware.gpu_memory_gb={gib}"))
     assert no_fit.chosen is None
     assert "(eval peak)" in no_fit.candidates[0].reason
+    table = planner.render_table(job(*base, "training.eval_micro_batch_size=64"), no_fit)
+    eval_row = next(line for line in table.splitlines() if line.startswith("eval peak"))
+    assert eval_row.startswith(f"eval peak{big_eval.eval_peak / 2**30:>22.1f}")  # label column 20 + cell 11
+    assert "eval peak" not in planner.render_table(job(), planner.plan(job()))  # only for jobs with an eval split
