@@ -404,47 +404,49 @@ def _source_examples(job: JobSpec, tok, source: DataSource, index: int, table, i
     return pieces
 
 
+def _read_source(source: DataSource):
+    """A source's rows (read_rows); a source without any is a one-line error naming its first file."""
+    table = read_rows(source.files)
+    if len(table) == 0:
+        raise DataError(f"{source.files[0].field}: no examples in {', '.join(f.path for f in source.files)}")
+    return table
+
+
 def tokenize_all(job: JobSpec, tok) -> Tokenized:
     """Read, hold out, mix, tokenize and pack the job's data (no cache)."""
     d, seed = job.data, job.training.seed
+
+    def pack(pieces: list[Piece], n_sources: int) -> Rows:
+        return build_rows(pieces, d.seq_len, d.packing, tok.pad_token_id, n_sources)
+
     sources = d.train_sources()
-    tables = [read_rows(s.files) for s in sources]
-    for source, table in zip(sources, tables):
-        if len(table) == 0:
-            raise DataError(f"{source.files[0].field}: no examples in {', '.join(f.path for f in source.files)}")
-    kept, held = [], []
-    for i, table in enumerate(tables):
-        if d.eval_fraction is not None:
-            train_idx, eval_idx = hold_out(len(table), d.eval_fraction, seed, i)
-        else:
-            train_idx, eval_idx = np.arange(len(table)), np.arange(0)
-        kept.append(train_idx)
-        held.append(eval_idx)
-    if d.eval_fraction is not None and not sum(len(h) for h in held):
-        raise DataError(f"data.eval_fraction: {d.eval_fraction} of {sum(len(t) for t in tables)} examples holds out "
-                        "none (floor of fraction x examples, per source); raise it or give data.eval_paths")
+    tables = [_read_source(s) for s in sources]
+    if d.eval_fraction is not None:
+        kept, held = zip(*(hold_out(len(t), d.eval_fraction, seed, i) for i, t in enumerate(tables)))
+        if not sum(len(h) for h in held):
+            raise DataError(f"data.eval_fraction: {d.eval_fraction} of {sum(len(t) for t in tables)} examples holds "
+                            "out none (floor of fraction x examples, per source); raise it or give data.eval_paths")
+    else:
+        kept, held = tuple(np.arange(len(t)) for t in tables), tuple(np.arange(0) for _ in tables)
     per_epoch = mixture_counts([s.weight for s in sources], [len(k) for k in kept])
     pieces: list[Piece] = []
     for i, (source, table) in enumerate(zip(sources, tables)):
-        if per_epoch[i] and not len(kept[i]):
-            raise DataError(f"{source.files[0].field}: every example was held out for eval; lower data.eval_fraction")
-        chosen = kept[i][draw_indices(per_epoch[i], len(kept[i]), seed, i)] if per_epoch[i] else kept[i][:0]
+        # floor(f x n) < n for f < 0.5: every source keeps examples to draw from
+        chosen = kept[i][draw_indices(per_epoch[i], len(kept[i]), seed, i)]
         pieces += _source_examples(job, tok, source, i, table, chosen)
-    train = build_rows(pieces, d.seq_len, d.packing, tok.pad_token_id, len(sources))
     draws = [SourceDraw(len(k), n, len(h)) for k, n, h in zip(kept, per_epoch, held)]
     if d.eval_fraction is not None:
-        eval_pieces = [p for i, (s, t) in enumerate(zip(sources, tables)) for p in _source_examples(job, tok, s, i, t, held[i])]
-        return Tokenized(train, build_rows(eval_pieces, d.seq_len, d.packing, tok.pad_token_id, len(sources)), draws)
+        eval_pieces = [p for i, (s, t) in enumerate(zip(sources, tables))
+                       for p in _source_examples(job, tok, s, i, t, held[i])]
+        return Tokenized(pack(pieces, len(sources)), pack(eval_pieces, len(sources)), draws)
     eval_sources = d.eval_split_sources()
     if not eval_sources:
-        return Tokenized(train, None, draws)
+        return Tokenized(pack(pieces, len(sources)), None, draws)
     eval_pieces = []
     for i, source in enumerate(eval_sources):
-        table = read_rows(source.files)
-        if len(table) == 0:
-            raise DataError(f"{source.files[0].field}: no examples in {', '.join(f.path for f in source.files)}")
+        table = _read_source(source)
         eval_pieces += _source_examples(job, tok, source, i, table, np.arange(len(table)))
-    return Tokenized(train, build_rows(eval_pieces, d.seq_len, d.packing, tok.pad_token_id, len(eval_sources)), draws)
+    return Tokenized(pack(pieces, len(sources)), pack(eval_pieces, len(eval_sources)), draws)
 
 
 def _file_stats(path_text: str) -> tuple:
