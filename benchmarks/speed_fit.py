@@ -93,7 +93,7 @@ def processed_per_loss_token(job: JobSpec, step: int) -> float:
         path = Path(tmp) / "data.jsonl"
         write_data(path, job)
         job = job.model_copy(update={"data": job.data.model_copy(update={"paths": [str(path)]})})
-        rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size))
+        rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size)).train
     t = job.training
     batcher = D.Batcher(rows, t.seed, t.micro_batch_size, job.grad_accum(), job.hardware.world_size)
     return t.global_batch_size * job.data.seq_len / batcher.step_loss_tokens(step)

@@ -208,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-hf", action="store_true", help="method full: also write <output_dir>/hf_model (Hugging Face folder)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = add("status", cmd_status, "show Slurm jobs submitted by orch", "orch status")
-    p.add_argument("job_id", nargs="?", help="Slurm job id (default: all of yours)")
+    p = add("status", cmd_status, "show Slurm jobs, or one job's progress: step / total, loss, eval loss, tokens/s, "
+            "ETA, measured vs predicted peak", "orch status")
+    p.add_argument("job_id", nargs="?", metavar="JOBID|RUN_DIR",
+                   help="a Slurm job id, or a run's output folder (training.output_dir; for --local runs); "
+                        "default: squeue of all your jobs")
     p = add("cancel", cmd_cancel, "cancel a Slurm job", "orch cancel 1234")
     p.add_argument("job_id", help="Slurm job id")
     p = add("logs", cmd_logs, "print a submitted job's log", "orch logs 1234 --follow")

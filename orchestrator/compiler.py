@@ -89,7 +89,13 @@ def resolve_job(job: JobSpec, strategy: str, portable: bool) -> JobSpec:
     data = job.model_dump(mode="json")
     data["strategy"] = strategy
     conv = lambda p: _path_for_output(p, portable)  # noqa: E731
-    data["data"]["paths"] = [conv(p) for p in job.data.paths]
+    d = job.data
+    for key in ("paths", "eval_paths"):
+        if getattr(d, key) is not None:
+            data["data"][key] = [conv(p) for p in getattr(d, key)]
+    for key in ("sources", "eval_sources"):
+        for item in data["data"][key] or []:
+            item["path"] = conv(item["path"])
     if hub.from_cache(job.model.name):
         # The trainer reads the very snapshot resolved here; --portable keeps the id for the cluster's own cache.
         data["model"]["name"] = job.model.name if portable else _path_for_output(str(job.model.folder()), False)

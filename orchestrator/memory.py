@@ -11,7 +11,7 @@ component. Each docstring says what the trainer (``orchestrator.train`` /
 live in ONE place, :class:`Calibration`, so they can be re-fitted on GPU
 measurements (``benchmarks/memory_accuracy.py --from-results``).
 
-The peak is the larger of two phases, because activations and optimizer-step
+The training peak is the larger of two phases, because activations and optimizer-step
 temporaries never coexist:
 
 * forward/backward: resident model states + saved activations + the largest
@@ -19,6 +19,10 @@ temporaries never coexist:
   dequantization buffer + ZeRO communication buffers and gathered params;
 * optimizer step: resident model states + the fp32 gradient partition and
   Adam temporaries DeepSpeed creates for the step.
+
+A job with an eval split also has an eval peak (`eval_peak_bytes`: the resident states
+plus one no-grad forward and loss at the eval micro batch); what must fit is the
+largest of the training, load and eval peaks.
 
 ``breakdown`` lists the components of the peak phase only (so the values add
 up to ``peak_allocated``); the other phase's transients are 0 there.
@@ -127,8 +131,10 @@ class MemoryEstimate:
     """Predicted peak of torch.cuda.max_memory_allocated() per GPU during training."""
     load_peak: int
     """Predicted peak allocated per GPU while loading the model and initializing DeepSpeed."""
+    eval_peak: int
+    """Predicted peak allocated per GPU during the eval pass (0 without an eval split)."""
     total: int
-    """What must fit on one GPU: max(peak, load peak) x (1 + slack) + CUDA context (+ NCCL)."""
+    """What must fit on one GPU: max(peak, load peak, eval peak) x (1 + slack) + CUDA context (+ NCCL)."""
     cpu_bytes: int
     """Host RAM per node: training processes plus pinned offloaded states/params."""
     nvme_bytes: int
@@ -662,6 +668,85 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
 
 
 # ---------------------------------------------------------------------------
+# The eval pass: a forward and the loss under torch.no_grad, between optimizer steps
+
+
+def eval_layer_bytes_per_token(job: JobSpec, shape: ModelShape, seq_len: int) -> int:
+    """The largest working set of one decoder layer's no-grad forward, bytes per token, the layer's
+    input (the residual stream) included.
+
+    Without autograd a tensor dies when the code drops its last reference, so only what one
+    sub-block holds at once counts (d = model dtype bytes, h hidden, q = heads x head_dim,
+    kv = kv heads x head_dim, i ffn):
+
+    * attention: the residual (d*h) and the normed input (d*h); q, k, v (d*(q + 2 kv)) and the
+      rotated q and k made while those exist (d*(q + kv)); k and v expanded to q heads for
+      sdpa/eager (2*d*q; flash_attention_2 and flex read the kv heads); the attention output (d*q);
+      the scores' working set per kernel, counted as training saves it
+      (attention_score_bytes_per_token, which for eager with soft-capping is one model-dtype copy
+      more than the no-grad forward holds at once).
+    * MLP: the residual and the normed input (2*d*h) and the ffn-wide tensors alive together:
+      act(gate), up and their product (3*d*i) in ``down_proj(act(gate_proj(x)) * up_proj(x))``;
+      Phi-3's fused gate_up output stays alive through its two halves (4*d*i).
+    * LoRA (eval mode: dropout is the identity): an adapted linear's base output, lora_B's output
+      and its scaled copy exist at once, so two output-wide tensors more while it runs: on
+      up_proj that makes act(gate) + 3 ffn-wide tensors (4*d*i, over the 3 of the product), on
+      Phi-3's gate_up 2*i + 2*2*i (6*d*i); in attention 2 x the widest adapted output.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    linears = shape.linear_shapes()
+    targets = lora_targets(job, shape) if job.method != "full" else {}
+    expand = 0 if job.model.attn_implementation in ("flash_attention_2", "flex_attention") else 2 * q
+    attn_lora = max((linears[m][1] for m in targets if m in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")), default=0)
+    attention = (2 * d * h + d * (q + 2 * kv) + d * (q + kv) + d * expand + d * q + 2 * d * attn_lora
+                 + attention_score_bytes_per_token(job, shape, seq_len))
+    if shape.family.fused_linears:
+        ffn_wide = max(4, 2 + 4 * int("gate_up_proj" in targets))
+    else:
+        ffn_wide = max(3, 2 + 2 * int("up_proj" in targets))
+    mlp = 2 * d * h + ffn_wide * d * i
+    return max(int(attention), mlp)
+
+
+def eval_transient_bytes(job: JobSpec, strategy: str, shape: ModelShape, micro_batch: int,
+                         cal: Calibration = CALIBRATION) -> int:
+    """Peak bytes of the eval pass on top of the resident model states: one micro batch of
+    ``micro_batch`` sequences through the decoder and the chunked loss under torch.no_grad.
+
+    No saved activations, no gradients, no optimizer-step temporaries. Two moments compete:
+
+    * inside a decoder layer: its working set (eval_layer_bytes_per_token) for every token, the
+      shared 4D attention masks (attention_mask_bytes at this micro batch), the bnb
+      dequantization buffer (qlora) and, under ZeRO-3, the gathered parameters;
+    * the loss, one chunk of ``loss_chunk_tokens`` at a time (all tokens when 0): the final hidden
+      states (d*h per token) and, per logit of the chunk, the model-dtype logits, their fp32 upcast
+      and cross-entropy's fp32 log-softmax (d + 4 + 4 bytes; soft-capping's temporaries come before
+      the upcast and are no larger), plus the gathered parameters under ZeRO-3.
+    """
+    t = job.training
+    eval_job = job.model_copy(update={"training": t.model_copy(update={"micro_batch_size": micro_batch})})
+    tokens = micro_batch * job.data.seq_len
+    d = DTYPE_BYTES[job.model.dtype]
+    live = zero3_live_param_bytes(job, strategy, shape, cal)
+    layer = (eval_layer_bytes_per_token(job, shape, job.data.seq_len) * tokens
+             + attention_mask_bytes(eval_job, shape.attention_mask_kinds()) + dequant_buffer_bytes(job, shape, cal))
+    chunk = min(t.loss_chunk_tokens or tokens, tokens)
+    loss = d * shape.hidden_size * tokens + (d + FP32 + FP32) * shape.vocab_size * chunk
+    return max(layer, loss) + live
+
+
+def eval_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, resident: int, cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated during the eval pass (0 when the job has no eval split): the resident bytes
+    (model states as training keeps them between steps -- DeepSpeed's gradient partition and
+    optimizer states stay allocated --, buckets, fixed allocations) plus eval_transient_bytes at the
+    eval micro batch (training.eval_micro_batch_size, else the training micro batch)."""
+    if not job.data.has_eval():
+        return 0
+    return resident + eval_transient_bytes(job, strategy, shape, job.eval_micro_batch(), cal)
+
+
+# ---------------------------------------------------------------------------
 # Host RAM and NVMe
 
 
@@ -729,8 +814,10 @@ def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape:
     peak = sum(breakdown.values())
 
     load = load_peak_bytes(job, strategy, shape, states, cal)
+    eval_peak = eval_peak_bytes(job, strategy, shape, sum(resident.values()), cal)
     context = cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
-    total = int(max(peak, load) * (1 + cal.allocator_slack)) + context
+    total = int(max(peak, load, eval_peak) * (1 + cal.allocator_slack)) + context
     cpu, nvme = host_bytes(job, strategy, shape, states, cal)
-    return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load, total=total,
+    return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load,
+                          eval_peak=eval_peak, total=total,
                           cpu_bytes=sum(cpu.values()), nvme_bytes=nvme, phase=phase, cpu_breakdown=cpu)

@@ -305,7 +305,8 @@ def evaluate(job: JobSpec, strategy: str, shape: ModelShape) -> Candidate:
     gpu_ok = est.total <= gpu_budget(job)
     host_ok = est.cpu_bytes <= host_budget(job)
     if not gpu_ok:
-        what = "load peak" if est.load_peak > est.peak_allocated else "training peak"
+        what = max([("training peak", est.peak_allocated), ("load peak", est.load_peak), ("eval peak", est.eval_peak)],
+                   key=lambda named: named[1])[0]
         reason = f"needs {_gib(est.total)} per GPU ({what}), over the {_gib(gpu_budget(job))} usable"
     elif not host_ok:
         reason = f"needs {_gib(est.cpu_bytes)} host RAM per node, over the {_gib(host_budget(job))} usable"
@@ -578,6 +579,7 @@ def _candidate_json(c: Candidate) -> dict:
         "gpu_gib": _r(c.estimate.peak_allocated),
         "gpu_total_gib": _r(c.estimate.total),
         "load_gib": _r(c.estimate.load_peak),
+        "eval_gib": _r(c.estimate.eval_peak),
         "cpu_gib": _r(c.estimate.cpu_bytes),
         "nvme_gib": _r(c.estimate.nvme_bytes),
         "tokens_per_s": round(c.tokens_per_s, 1),
@@ -635,6 +637,8 @@ def render_table(job: JobSpec, result: Plan) -> str:
             lines.append(row(comp, [f"{v / GIB:.1f}" for v in values]))
     lines.append(row("= peak allocated", [f"{c.estimate.peak_allocated / GIB:.1f}" for c in cands]))
     lines.append(row("load peak", [f"{c.estimate.load_peak / GIB:.1f}" for c in cands]))
+    if job.data.has_eval():
+        lines.append(row("eval peak", [f"{c.estimate.eval_peak / GIB:.1f}" for c in cands]))
     lines.append(row("total (+slack, ctx)", [f"{c.estimate.total / GIB:.1f}" for c in cands]))
     lines.append(row("host RAM per node", [f"{c.estimate.cpu_bytes / GIB:.0f}" for c in cands]))
     if any(c.estimate.nvme_bytes for c in cands):

@@ -151,12 +151,16 @@ class Trainer:
 
         self.shape = job.shape()
         self.tok = D.load_tokenizer(job, self.shape.vocab_size)
-        self.rows = D.prepare_rows(job, self.tok, self.out / "data_cache", self.is_main, self.barrier)
+        self.data = D.prepare_data(job, self.tok, self.out / "data_cache", self.is_main, self.barrier)
+        self.rows = self.data.train
         self.batcher = D.Batcher(self.rows, job.training.seed, job.training.micro_batch_size, job.grad_accum(), self.world)
         if job.training.max_steps is not None:
             self.total_steps = job.training.max_steps
         else:
             self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
+        if self.is_main:
+            for line in D.render_data(job, self.data, self.batcher, self.total_steps):
+                print(f"orch: {line}", file=sys.stderr)
 
         # Built before the model: under ZeRO-3 the model is constructed already partitioned with it.
         self.deepspeed_config = self.ds_config()
@@ -167,6 +171,13 @@ class Trainer:
         if self.resume:
             self._resume()
         self._setup_logging()
+        if self.is_main:
+            from orchestrator.memory import estimate
+            from orchestrator.progress import RunInfo
+
+            est = estimate(job, self.strategy)
+            RunInfo(job.name, self.strategy, self.world, self.total_steps, self.step, time.time(), est.peak_allocated,
+                    est.eval_peak).write(self.out)
 
     def _seed(self, seed: int) -> None:
         import random
@@ -389,12 +400,15 @@ class Trainer:
 
     def log_step(self) -> None:
         lr = self.engine.get_lr()[0] if self.engine.get_lr() else None
+        shares = self.trained_mixture()
         record = {"step": self.step, "rank": self.rank, "loss": self.last_loss, "lr": lr,
-                  "tokens_per_s": self.tokens_per_s, **self.memory_now(), "time": time.time()}
+                  "tokens_per_s": self.tokens_per_s, **self.memory_now(), "time": time.time(),
+                  "source_tokens": {s.name: s.tokens for s in shares}}
         with open(self.metrics_path, "a") as f:  # one short line per write: appends from ranks do not interleave
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("rank", "time") and v is not None}, step=self.step)
+            flat = {k: v for k, v in record.items() if k not in ("rank", "time", "source_tokens") and v is not None}
+            self.wandb.log({**flat, **{f"source_tokens/{s.name}": s.tokens for s in shares}}, step=self.step)
 
     def oom_message(self) -> str:
         torch = self.torch
@@ -508,7 +522,9 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - a missing plot must not fail a finished run
                 print(f"orch: memory plot not written: {exc}", file=sys.stderr)
             if self.wandb is not None:
-                self.wandb.summary.update({k: v for k, v in summary.items() if k != "per_rank"})
+                self.wandb.summary.update({k: v for k, v in summary.items() if k not in ("per_rank", "mixture")})
+                for share in summary["mixture"]:
+                    self.wandb.summary.update({f"mixture/{share['name']}/{k}": v for k, v in share.items() if k != "name"})
                 for r in per_rank:
                     self.wandb.summary.update({f"rank{r['rank']}/{k}": v for k, v in r.items() if k != "rank"})
                 self.wandb.finish()
@@ -537,7 +553,14 @@ class Trainer:
             "predicted_peak_bytes": pred[0],
             "predicted_load_peak_bytes": pred[1],
             "error_pct": err,
+            "mixture": [asdict(share) for share in self.trained_mixture()],
         }
+
+    def trained_mixture(self) -> list:
+        """Tokens, loss tokens and examples per training source over the steps trained (data.SourceShare)."""
+        from orchestrator import data as D
+
+        return D.mixture(self.job.data.train_sources(), self.batcher.source_counts(self.step))
 
     def cleanup(self) -> None:
         try:

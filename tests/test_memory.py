@@ -372,3 +372,71 @@ def test_load_peak_zero3():
     assert memory.estimate(q, "zero3_offload_optimizer", CAL, TINY).load_peak == 231952 + 32768
     # with param offload the partitions are made in host RAM: the whole model is the peak
     assert memory.estimate(q, "zero3_offload_all", CAL, TINY).load_peak == 231952
+
+
+# --- the eval pass (memory.eval_*): no saved activations, no gradients in flight ---------------
+
+
+def test_eval_layer_working_set_per_token():
+    # bf16 (d=2), h=64, q=64, kv=32, i=176, seq 64, LoRA r 8 on all linears, no dropout, sdpa:
+    # attention: residual + normed 2*2*64 = 256; q,k,v 2*(64+2*32) = 256; rotated q,k 2*(64+32) = 192;
+    #   k,v expanded to 4 heads 2*2*64 = 256; output 2*64 = 128; LoRA: 2 x the widest adapted output
+    #   (q_proj / o_proj, 64) 2*2*64 = 256; sdpa's additive mask 2*64 = 128  -> 1472
+    # MLP: residual + normed 256; act(gate), up with its 2 LoRA temporaries: 4*2*176 = 1408  -> 1664
+    assert memory.eval_layer_bytes_per_token(job(), TINY, 64) == 1664
+    # LoRA on q and v only: no LoRA on up_proj, the MLP holds 3 ffn-wide tensors: 256 + 3*352 = 1312 < 1472
+    assert memory.eval_layer_bytes_per_token(job("lora.target_modules=[q_proj, v_proj]"), TINY, 64) == 1472
+    # full finetune: no LoRA temporaries at all: attention 1472 - 256 = 1216, MLP 1312
+    assert memory.eval_layer_bytes_per_token(job("method=full"), TINY, 64) == 1312
+    # flash_attention_2: no expanded k,v (-256), no mask (-128): attention 1088 < MLP 1664
+    assert memory.eval_layer_bytes_per_token(job("model.attn_implementation=flash_attention_2"), TINY, 64) == 1664
+    # eager: scores (4+2)*4 heads*64 = 1536 instead of sdpa's 128: attention 1472 - 128 + 1536 = 2880
+    assert memory.eval_layer_bytes_per_token(job("model.attn_implementation=eager"), TINY, 64) == 2880
+
+
+def test_eval_transient_layer_or_loss():
+    # micro batch 4 x 64 = 256 tokens.
+    # layer: 1664*256 = 425984 + bool mask 4*64*64 = 16384 + dequant 11264*2 = 22528  -> 464896
+    # loss: final hidden 2*64*256 = 32768 + (bf16 logits 2 + fp32 upcast 4 + log-softmax 4) * 512 * 256
+    #       = 1310720  -> 1343488 (larger)
+    assert memory.eval_transient_bytes(job(), "single_gpu", TINY, 4, CAL) == 1343488
+    # eval micro batch 16: 1024 tokens; loss 2*64*1024 + 10*512*1024 = 131072 + 5242880 = 5373952
+    assert memory.eval_transient_bytes(job(), "single_gpu", TINY, 16, CAL) == 5373952
+    # loss chunk 100 tokens: loss 32768 + 10*512*100 = 544768 > layer 464896
+    assert memory.eval_transient_bytes(job("training.loss_chunk_tokens=100"), "single_gpu", TINY, 4, CAL) == 544768
+    # ... and eager: layer 2880*256 = 737280 + bf16 mask 4*64*64*2 = 32768 + 22528 = 792576 > loss 544768
+    eager = job("training.loss_chunk_tokens=100", "model.attn_implementation=eager")
+    assert memory.eval_transient_bytes(eager, "single_gpu", TINY, 4, CAL) == 792576
+    # ZeRO-3 holds gathered params (the whole tiny model with CAL: 131712 + 46080 + 37376 = 215168) on top
+    assert memory.eval_transient_bytes(job("hardware.gpus_per_node=2"), "zero3", TINY, 4, CAL) == 1343488 + 215168
+
+
+def test_estimate_eval_peak_and_total():
+    resident = 494584  # test_estimate_whole_tiny_qlora: weights, adapters, gradients, master, moments, fixed
+    assert memory.estimate(job(), "single_gpu", CAL, TINY).eval_peak == 0  # no eval split
+    e = memory.estimate(job("data.eval_fraction=0.1"), "single_gpu", CAL, TINY)
+    assert e.eval_peak == resident + 1343488
+    assert e.peak_allocated == 494584 + 3282944 and e.total == int(e.peak_allocated * 1.1) + 500  # training decides
+    big = memory.estimate(job("data.eval_fraction=0.1", "training.eval_micro_batch_size=16"), "single_gpu", CAL, TINY)
+    assert big.eval_peak == resident + 5373952  # > the training peak 3777528: the eval pass decides
+    assert big.peak_allocated == e.peak_allocated and big.total == int(big.eval_peak * 1.1) + 500
+
+
+def test_planner_fits_the_larger_of_training_and_eval_peaks():
+    from orchestrator import planner
+
+    base = ["strategy=single_gpu", "data.eval_fraction=0.1"]
+    train_only = memory.estimate(job(*base), "single_gpu")
+    big_eval = memory.estimate(job(*base, "training.eval_micro_batch_size=64"), "single_gpu")
+    assert big_eval.eval_peak > big_eval.peak_allocated and big_eval.total > train_only.total
+    # a GPU whose budget lies between the two totals (planner.gpu_budget keeps GPU_HEADROOM free)
+    gib = (train_only.total + big_eval.total) / 2 / (1 - planner.GPU_HEADROOM) / 2**30
+    fits = planner.plan(job(*base, f"hardware.gpu_memory_gb={gib}"))
+    assert fits.chosen == "single_gpu"
+    no_fit = planner.plan(job(*base, "training.eval_micro_batch_size=64", f"hardware.gpu_memory_gb={gib}"))
+    assert no_fit.chosen is None
+    assert "(eval peak)" in no_fit.candidates[0].reason
+    table = planner.render_table(job(*base, "training.eval_micro_batch_size=64"), no_fit)
+    eval_row = next(line for line in table.splitlines() if line.startswith("eval peak"))
+    assert eval_row.startswith(f"eval peak{big_eval.eval_peak / 2**30:>22.1f}")  # label column 20 + cell 11
+    assert "eval peak" not in planner.render_table(job(), planner.plan(job()))  # only for jobs with an eval split
