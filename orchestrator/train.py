@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from orchestrator.catalog import GIB
+from orchestrator.compiler import write_run_job
 from orchestrator.errors import Exit, OrchError, print_error
 
 
@@ -139,6 +140,7 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            write_run_job(job, self.strategy)  # <output_dir>/job.yaml: what `orch export RUN_DIR` reads
         self.barrier()
         self._install_signals()
         self._seed(job.training.seed)
