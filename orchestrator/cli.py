@@ -139,7 +139,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator import train
 
-    return train.run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
+    return train.run(args.job, args.overrides, args.ds_config, args.resume)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -218,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--export-hf", action="store_true", help="method full: also write <output_dir>/hf_model (Hugging Face folder)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = add("export", cmd_export, "write a run's latest complete checkpoint as a Hugging Face model folder (LoRA/QLoRA "
