@@ -342,8 +342,7 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
-        # a copy of its own: checkpoint tensors may be views of one memory-mapped buffer, which safetensors refuses
-        self.pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()  # a memory-mapped tensor is read when written
         self.pending_bytes += size
 
     def _flush(self) -> None:
