@@ -163,6 +163,20 @@ def write(compiled: Compiled) -> list[Path]:
     return written
 
 
+RUN_JOB_FILE = "job.yaml"
+"""The resolved job a run trains, written into its output dir when the trainer starts (`write_run_job`)."""
+
+
+def write_run_job(job: JobSpec, strategy: str) -> Path:
+    """Write ``job`` as the run trains it -- concrete strategy, absolute paths -- to
+    ``<output_dir>/job.yaml`` atomically; return the path. The run folder then says which job
+    made it, for tools that start from the folder alone (`orch export RUN_DIR`)."""
+    resolved = resolve_job(job, strategy, portable=False)
+    path = resolved.output_dir() / RUN_JOB_FILE
+    _write_atomic(path, dump_job(resolved))
+    return path
+
+
 def compile_job(job: JobSpec, out_dir, options: CompileOptions = CompileOptions()) -> list[Path]:
     """Write the DeepSpeed JSON, the batch script and the compiled job; return their paths."""
     return write(build(job, Path(out_dir), options))

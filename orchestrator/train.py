@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from orchestrator.catalog import GIB
+from orchestrator.compiler import write_run_job
 from orchestrator.errors import Exit, OrchError, print_error
 
 
@@ -87,9 +88,8 @@ def _peak_rss() -> int:
 class Trainer:
     """One training run on one rank."""
 
-    def __init__(self, job, strategy: str, ds_config_path: Optional[str], resume: bool, export_hf: bool = False):
+    def __init__(self, job, strategy: str, ds_config_path: Optional[str], resume: bool):
         self.job = job
-        self.export_hf = export_hf
         self.strategy = strategy
         self.ds_config_path = ds_config_path
         self.resume = resume
@@ -143,6 +143,7 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            write_run_job(job, self.strategy)  # <output_dir>/job.yaml: what `orch export RUN_DIR` reads
         self.barrier()
         self._install_signals()
         self._seed(job.training.seed)
@@ -460,49 +461,12 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         self.barrier()
 
-    def export_hf_model(self) -> Optional[Path]:
-        """Full finetune -> a Hugging Face model folder ``<output_dir>/hf_model`` (model.dtype weights).
-
-        Under ZeRO-3 the parameters are gathered one at a time onto rank 0's CPU,
-        so the GPU never holds more than one whole parameter; rank 0 needs the
-        whole model in host RAM.
-        """
-        import shutil
-
-        import deepspeed
-
-        if self.job.method != "full":
-            if self.is_main:
-                print("orch: --export-hf is for method full; LoRA adapters are in adapter/ (PEFT format)", file=sys.stderr)
-            return None
-        base = self.loaded.base
-        state = {}
-        for name, p in base.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                if self.is_main:
-                    state[name] = p.detach().to("cpu", copy=True)
-        target = self.out / "hf_model"
-        if self.is_main:
-            tmp = self.out / "hf_model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            base.config.use_cache = True  # for inference; training turned it off
-            base.save_pretrained(str(tmp), state_dict=state)
-            base.config.use_cache = False
-            self.tok.save_pretrained(str(tmp))
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-            print(f"orch: exported {target}", file=sys.stderr)
-        self.barrier()
-        return target
-
     # ------------------------------------------------------------------ finish
 
     def finish(self) -> dict:
         torch = self.torch
-        if self.saved_step != self.step:  # not when resumed from the final checkpoint (e.g. only to export)
+        if self.saved_step != self.step:  # not when resumed from the final checkpoint
             self.save()
-        if self.export_hf:
-            self.export_hf_model()
         mem = self.memory
         if self.cuda:
             mem.peak_allocated = torch.cuda.max_memory_allocated()
@@ -654,7 +618,7 @@ def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
 # entry points
 
 
-def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool, export_hf: bool = False) -> int:
+def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resume: bool) -> int:
     from orchestrator import planner, preflight
     from orchestrator.spec import load_job
 
@@ -672,7 +636,7 @@ def run(job_path: str, overrides: Sequence[str], ds_config: Optional[str], resum
     except OrchError as exc:
         print_error(exc)
         return exc.code
-    trainer = Trainer(job, strategy, ds_config, resume, export_hf)
+    trainer = Trainer(job, strategy, ds_config, resume)
     try:
         trainer.setup()
         trainer.train()
@@ -698,16 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--export-hf", action="store_true",
-                   help="method full: also write <output_dir>/hf_model (a Hugging Face model folder) at the end; "
-                        "with --resume after the last step, only exports")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides before or after the options
-    return run(args.job, args.overrides, args.ds_config, args.resume, args.export_hf)
+    return run(args.job, args.overrides, args.ds_config, args.resume)
 
 
 if __name__ == "__main__":
