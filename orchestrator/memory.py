@@ -781,6 +781,12 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
     return out, nvme * ranks
 
 
+def outside_allocator_bytes(job: JobSpec, cal: Calibration = CALIBRATION) -> int:
+    """GPU memory a training process holds outside PyTorch's caching allocator: the CUDA context,
+    plus NCCL's buffers when there are several processes."""
+    return cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
+
+
 # ---------------------------------------------------------------------------
 # The estimate
 
@@ -816,8 +822,7 @@ def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape:
     peak = sum(breakdown.values())
 
     load = load_peak_bytes(job, strategy, shape, states, cal)
-    context = cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
-    total = int(max(peak, load) * (1 + cal.allocator_slack)) + context
+    total = int(max(peak, load) * (1 + cal.allocator_slack)) + outside_allocator_bytes(job, cal)
     cpu, nvme = host_bytes(job, strategy, shape, states, cal)
     return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load, total=total,
                           cpu_bytes=sum(cpu.values()), nvme_bytes=nvme, phase=phase, cpu_breakdown=cpu)
