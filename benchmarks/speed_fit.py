@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python benchmarks/speed_fit.py --fit A.json B.json --check C.json --check-rows NAME,...
 
 Reads measured tokens/s from the result files the benchmarks write (memory_accuracy.py,
-throughput.py and planner_quality.py JSON, and the levers probe's quick.json;
+throughput.py, planner_quality.py and knob_grid.py JSON, and the levers probe's quick.json;
 the format is recognized by its rows), rebuilds each run's job spec with the levers it ran
 with (engine, compiled layers, attention kernel: recorded by the newer files; files from
 before the levers existed ran DeepSpeed's engine, eager layers and sdpa unless their
@@ -54,7 +54,10 @@ from orchestrator.spec import JobSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_FIT = [*(RESULTS / "device" / f"h100-call{i}" / "memory_accuracy.json" for i in (1, 2, 3)),
-               RESULTS / "throughput.json", RESULTS / "device" / "h100-call5" / "quick.json"]
+               RESULTS / "throughput.json", RESULTS / "device" / "h100-call5" / "quick.json",
+               *sorted((RESULTS / "device").glob("*/knob_grid.json"))]
+"""The committed H100 results; every knob grid stored under benchmarks/results/device/<call>/ joins them, so
+re-fitting on new measurements is this one command."""
 DEFAULT_CHECK = [RESULTS / "device" / "h100-call4" / "planner_quality.json"]
 DEFAULT_CHECK_ROWS = ("l1-flex",)
 """Rows of the --fit files that are only checked: the LoRA 8B run of the compiled/flex path, so
@@ -171,19 +174,36 @@ def from_levers_probe(path: Path, rows: list[dict]) -> list[Measured]:
     return out
 
 
+def from_knob_grid(path: Path, stored: dict) -> list[Measured]:
+    """benchmarks/knob_grid.py: every measured point of every job (the levers each ran with are recorded)."""
+    from benchmarks.knob_grid import point_job
+
+    out = []
+    for r in stored["rows"]:
+        for point in r.get("points", []):
+            if not point.get("tokens_per_s"):
+                continue
+            job = job_as_ran(point_job(r["job"], point["micro_batch_size"], point["gradient_checkpointing"]), point)
+            out.append(Measured(f"{r['job']}-mb{point['micro_batch_size']}-ckpt{int(point['gradient_checkpointing'])}",
+                                str(path), job, "single_gpu", point["tokens_per_s"]))
+    return out
+
+
 def load(path: Path) -> list[Measured]:
     """Measured runs of one result file, whichever benchmark wrote it."""
     stored = json.loads(Path(path).read_text())
     if isinstance(stored, list):
         return from_levers_probe(path, stored)
     rows = stored.get("rows", [])
+    if rows and "points" in rows[0]:
+        return from_knob_grid(path, stored)
     if rows and "config" in rows[0]:
         return from_memory_accuracy(path, rows)
     if rows and "case" in rows[0]:
         return from_throughput(path, stored)
     if rows and "strategies" in rows[0]:
         return from_planner_quality(path, stored)
-    raise SystemExit(f"{path}: not a memory_accuracy, throughput, planner_quality or levers probe result file")
+    raise SystemExit(f"{path}: not a memory_accuracy, throughput, planner_quality, knob_grid or levers probe result file")
 
 
 # ---------------------------------------------------------------------------
