@@ -94,9 +94,10 @@ class ModelSpec(_Section):
         "with random weights, orch builds a byte-level tokenizer so nothing is downloaded.",
     )
     dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16. "
-        "Gemma-2 needs eager or flash_attention_2 (transformers' sdpa has no attention soft-capping). "
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
+        "auto", description="Attention kernel. auto: flex_attention on a GPU when rows are packed (head_dim up to "
+        "128); otherwise, and on the CPU, sdpa (eager for Gemma-2). flash_attention_2 needs the flash-attn package and "
+        "bf16/fp16. Gemma-2 cannot run sdpa (transformers' sdpa has no attention soft-capping). "
         "flex_attention (GPU only) keeps packed examples apart with a block-sparse mask instead of sdpa's dense "
         "micro_batch x seq_len^2 one.",
     )

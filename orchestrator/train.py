@@ -508,7 +508,7 @@ class Trainer:
             err = round(100.0 * (peak - pred[0]) / pred[0], 2)
         return {
             "job": self.job.name, "strategy": self.strategy, "world_size": self.world, "steps": self.step,
-            "engine": self.engine_kind, "compiled_variants": self.compiled_variants,
+            "engine": self.engine_kind, "compiled_variants": self.compiled_variants, "attention": self.loaded.attention,
             "final_loss": self.last_loss, "tokens_per_s": self.tokens_per_s,
             "device": "cuda" if self.cuda else "cpu",
             "load_peak_bytes": top("load_peak_allocated"), "peak_allocated_bytes": peak,
