@@ -82,6 +82,13 @@ CONFIGS: list[Config] = [
     C("qlora-gemma3-12b-s2048", "held_out", "single_gpu", 1, "model.name=gemma3-12b"),
     C("lora-phi3-mini-mb2-s2048", "held_out", "single_gpu", 1, "method=lora", "model.name=phi3-mini",
       "training.micro_batch_size=2"),
+    # The one-GPU default path since issue 16 (levers auto: PlainEngine, regional compile, flex attention for packed
+    # rows on CUDA); the rows above measured before it re-predict as they ran (common.job_as_ran)
+    C("qlora-8b-mb4-s2048-levers", "held_out", "single_gpu", 1, "training.micro_batch_size=4"),
+    C("lora-8b-s4096-levers", "held_out", "single_gpu", 1, "method=lora", "data.seq_len=4096"),
+    C("qlora-1b-mb8-s1024-nockpt-levers", "held_out", "single_gpu", 1, "model.name=llama3-1b",
+      "training.micro_batch_size=8", "data.seq_len=1024", "training.gradient_checkpointing=false"),
+    C("qlora-70b-s2048-levers", "held_out", "single_gpu", 1, "model.name=llama3-70b"),
     # Full finetunes on 2 GPUs: ZeRO-2, ZeRO-3, ZeRO-3 with optimizer / param offload
     C("full-3b-zero2", "calibration", "zero2", 2, "method=full", "model.name=llama3-3b", "training.micro_batch_size=2"),
     C("full-1b-zero2-s4096", "held_out", "zero2", 2, "method=full", "model.name=llama3-1b", "data.seq_len=4096"),
