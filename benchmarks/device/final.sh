@@ -27,7 +27,9 @@
 #   knobs-24gb, knobs-1b  one job each, when `knobs` ran out of budget
 #   knobs-70b, knobs-lora8b  the other two jobs, only if device time remains (70B: ~60 s to build + 5 points of
 #                         ~1,000-1,400 tok/s, 2 steps each; LoRA 8B: 8 points): unestimated, each within BUDGET
-#   profile               benchmarks/device/profile_step.py (issue 16 item 4) when it exists; otherwise says so
+#   profile               benchmarks/device/profile_step.py (issue 16 item 4): one optimizer step of 8B QLoRA mb4,
+#                         old path (DeepSpeed, eager, sdpa) vs the defaults, one process each: ~45 s build +
+#                         2 warm-up steps (+ ~20 s compile on the new path) + 1 profiled step ~ 3 min
 #   tiny-throughput, tiny-knobs  the same plumbing on the CPU (tiny-llama, --tiny) for a dry run off the GPU:
 #                         SKIP_ENV=1 PYTHON=.venv/bin/python OUT=/tmp/final bash benchmarks/device/final.sh tiny-knobs
 # Copy $OUT to benchmarks/results/device/<call>/ afterwards.
@@ -86,7 +88,7 @@ case "$PART" in
   knobs-lora8b)         setup; knobs lora-8b ;;
   profile)
     if [ -f benchmarks/device/profile_step.py ]; then
-      setup; timeout -k 10 "$(left)" "$PY" benchmarks/device/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | tail -40
+      setup; timeout -k 10 "$(left)" "$PY" benchmarks/device/profile_step.py --timeout 240 --out "$OUT" 2>&1 | tee "$OUT/profile.log" | tail -40
     else
       echo "profile: benchmarks/device/profile_step.py is not in this tree (issue 16 item 4 not done); nothing to run"
     fi ;;
