@@ -478,12 +478,14 @@ def test_plain_engine_load_peak_reproduces_the_h100_measurement():
     #   + fp32 masters 4 x 41,943,040 = 167,772,160 -> 5,954,198,400 (216,192 B under the measurement; the
     #     DeepSpeed run of the same shape, q4-ds-eager, is 216,192 B over its own prediction too)
     q = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.micro_batch_size=4",
-                                                          "training.global_batch_size=4"], check_paths=False)
+                                                          "training.global_batch_size=4",
+                                                          "training.gradient_checkpointing=true"], check_paths=False)
     assert memory.whole_model_bytes(q, q.shape(), "uint8") == 5_786_426_240
     assert memory.estimate(q, "single_gpu").load_peak == 5_786_426_240 + 4 * 41_943_040
     # DeepSpeed's engine on the same job: its zero-gradient step, 22 B per trainable param (measured 6,709,389,312)
-    ds = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.engine=deepspeed"],
-                  check_paths=False)
+    ds = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.engine=deepspeed",
+                                                           "training.micro_batch_size=4", "training.global_batch_size=4",
+                                                           "training.gradient_checkpointing=true"], check_paths=False)
     assert memory.estimate(ds, "single_gpu").load_peak == 5_786_426_240 + 22 * 41_943_040
 
 
