@@ -8,11 +8,15 @@ a run at start-up) leaves it behind, and from then on every run on the machine t
 the folder (``~/.cache/torch_extensions`` by default) waits for it forever, silently, at 0 % CPU.
 That is how one killed run hung a whole CI run.
 
-So orch loads these ops itself first, each under an advisory ``flock`` the kernel drops when
+Each Python environment gets its own build folder (``<sys.prefix>/torch_extensions``, unless
+``TORCH_EXTENSIONS_DIR`` is set): builds of different environments (two orch checkouts, another
+torch version) neither rebuild over each other nor meet each other's lock files.
+
+Within one, orch loads these ops itself first, each under an advisory ``flock`` the kernel drops when
 its holder dies: while orch holds it, no orch process is building, so a torch ``lock`` found
 there is stale and is removed (with a line on stderr). Later loads by DeepSpeed hit the op
-builder's per-process cache. A build by a program other than orch that shares the folder at
-the same moment could lose its lock; that costs a second build, not a hang.
+builder's per-process cache. A program other than orch is not coordinated with: it
+shares the folder only if ``TORCH_EXTENSIONS_DIR`` points both at it.
 
 Only the trainer imports this module (it imports deepspeed).
 """
@@ -45,6 +49,7 @@ def load_ops(names: list[str]) -> list[str]:
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(environment_build_root()))
     loaded = []
     for name in names:
         builder = get_accelerator().create_op_builder(name)
@@ -56,6 +61,14 @@ def load_ops(names: list[str]) -> list[str]:
             builder.load(verbose=False)
         loaded.append(name)
     return loaded
+
+
+def environment_build_root() -> Path:
+    """This Python environment's folder for JIT-built ops (torch's default is one per user)."""
+    root = Path(sys.prefix) / "torch_extensions"
+    if os.access(sys.prefix, os.W_OK) or root.is_dir():
+        return root
+    return Path.home() / ".cache" / "torch_extensions" / Path(sys.prefix).name  # a read-only system Python
 
 
 def remove_stale_lock(build_dir: Path) -> bool:

@@ -53,3 +53,14 @@ def test_shm_op_loads_past_a_lock_left_by_a_killed_build(tmp_path: Path) -> None
     assert "loaded ['ShareMemCommBuilder']" in out.stdout
     assert "removed a stale build lock" in out.stderr
     assert not (build_dir / "lock").exists()
+
+
+def test_each_python_environment_builds_in_its_own_folder(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    show = "import os; from orchestrator import jit_ops; jit_ops.load_ops([]); print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    out = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(Path(sys.prefix) / "torch_extensions")
+    # a folder the user chose is kept
+    out = subprocess.run([sys.executable, "-c", show], env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path)
