@@ -90,7 +90,7 @@ def build(job: JobSpec, dev: torch.device, recompile_limit: int = S.RECOMPILE_LI
     used = levers.resolve(job, STRATEGY, job.shape(), cuda=dev.type == "cuda")
     cap = memory_cap.cap_gpu_memory(job, dev)
     tok = D.load_tokenizer(job, job.shape().vocab_size)
-    rows = D.tokenize_all(job, tok)
+    rows = D.tokenize_all(job, tok).train  # the eval split, if any, is not timed
     start = time.time()
     loaded = M.load_model(job, STRATEGY, dev, job.training.seed)
     module = M.CausalLMLoss(loaded.model, loaded.base, job.training.loss_chunk_tokens)
