@@ -392,6 +392,8 @@ class Trainer:
         torch = self.torch
         used = torch.cuda.max_memory_allocated() if self.cuda else None
         pred = predicted(self.job, self.strategy)
+        from orchestrator.planner import next_strategy
+
         nxt = next_strategy(self.job, self.strategy)
         gib = lambda b: "unknown" if b is None else f"{b / GIB:.2f} GiB"  # noqa: E731
         return (f"out of GPU memory on rank {self.rank} in step {self.step + 1} with strategy {self.strategy}: "
@@ -540,7 +542,7 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------
-# predictions (orch's memory model and planner)
+# predictions (orch's memory model)
 
 
 def predicted(job, strategy: str) -> tuple[int, int]:
@@ -549,18 +551,6 @@ def predicted(job, strategy: str) -> tuple[int, int]:
 
     est = estimate(job, strategy)
     return est.peak_allocated, est.load_peak
-
-
-def next_strategy(job, strategy: str) -> Optional[str]:
-    """The next strategy that saves more memory than ``strategy``: the first later one in the plan's
-    order that the planner says fits, else the next valid one; None when ``strategy`` is the last."""
-    from orchestrator import planner
-
-    cands = planner.plan(job).candidates
-    names = [c.strategy for c in cands]
-    later = cands[names.index(strategy) + 1:] if strategy in names else []
-    fitting = [c.strategy for c in later if c.fits]
-    return (fitting or [c.strategy for c in later] or [None])[0]
 
 
 def param_bytes(module) -> tuple[int, int, int, int]:

@@ -49,8 +49,6 @@ def test_no_warmup_starts_at_peak_lr(tmp_path, schedule, kind):
 def test_oom_message_names_prediction_use_and_next_strategy(tmp_path):
     job = load_job(tiny_job(tmp_path, "oom", hardware={"gpus_per_node": 2}, strategy="zero2",
                             training={"global_batch_size": 8}))
-    assert T.next_strategy(job, "zero2") == "zero3"
-    assert T.next_strategy(job, "zero3_offload_all") is None  # no NVMe path: nothing saves more
     trainer = T.Trainer(job, "zero2", None, False)
     # what setup() would have set; on this CPU there is no CUDA allocator to ask
     import torch
