@@ -352,10 +352,10 @@ def test_overrides_mix_with_options_on_every_command_that_takes_them() -> None:
         args = cli.parse_args(parser, argv)
         assert (args.job, args.overrides) == ("jobs/tiny.yaml", ["a.b=1", "c.d=2", "e.f=3"]), argv
         assert all(getattr(args, sub._option_string_actions[f].dest) for f in flags[:2]), argv
-    # the trainer's own entry point (what the deepspeed launcher runs) too
+    # the trainer's own entry point (what the launcher runs) too
     from orchestrator import train
 
-    args = train.build_parser().parse_intermixed_args(["--job", "j.yaml", "a.b=1", "--resume", "c.d=2"])
+    args = train.module_parser().parse_intermixed_args(["--job", "j.yaml", "a.b=1", "--resume", "c.d=2"])
     assert (args.job, args.overrides, args.resume) == ("j.yaml", ["a.b=1", "c.d=2"], True)
 
 
