@@ -1,4 +1,4 @@
-"""End-to-end trainer runs: real DeepSpeed on CPU, 1 process and 2 processes (deepspeed launcher).
+"""End-to-end trainer runs: real DeepSpeed on CPU, 1 process and 2 processes (orch's launcher).
 
 Each fixture is one real training run of the tiny Llama (hidden 64, 2 layers,
 seq 32, 6 optimizer steps of 8 sequences); the tests compare runs.
@@ -214,7 +214,7 @@ def test_sigusr1_checkpoints_and_exits_75(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
-    assert "stopped by signal" in err
+    assert "orch: stopped by SIGUSR1 at step" in err and "Traceback" not in err
     marks = list((out / "checkpoints").glob("*/COMPLETE"))
     assert len(marks) == 1
     step = json.loads(marks[0].read_text())["step"]
