@@ -80,6 +80,25 @@ def make_job(cfg: Config, run_dir: Path, data_path: Path, name_prefix: str = "me
     return validate_dict(apply_overrides(data, overrides), src)
 
 
+def job_as_ran(job: JobSpec, record: dict) -> JobSpec:
+    """``job`` with the speed levers its run used made explicit, from a result row (or summary.json).
+
+    Rows record what the trainer reported: ``engine`` ('plain' or 'deepspeed'), ``compiled_variants``
+    (None when the layers ran eagerly) and ``attention`` (the kernel). Rows measured before the
+    levers existed (up to 2026-11-23: benchmarks/results/device/h100-call1..4, throughput.json) have
+    none of these: they ran DeepSpeed's engine with eager layers and the spec's attention, sdpa
+    unless their overrides set another. Re-predicting or re-fitting on a row must use these, not
+    today's auto, which resolves to other levers.
+    """
+    attention = record.get("attention") or job.model.attn_implementation
+    if attention == "auto":
+        attention = "sdpa"
+    training = job.training.model_copy(update={"engine": record.get("engine") or "deepspeed",
+                                               "compile": record.get("compiled_variants") is not None})
+    model = job.model.model_copy(update={"attn_implementation": attention})
+    return job.model_copy(update={"model": model, "training": training})
+
+
 def write_data(path: Path, job: JobSpec) -> None:
     """Synthetic text filling every row of every step (byte-level tokenizer: ~1 token per byte).
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    Config, child_env, machine, make_job, prepare_run, run_logged, select_named, trainer_command,
+    Config, child_env, job_as_ran, machine, make_job, prepare_run, run_logged, select_named, trainer_command,
 )
 from orchestrator import memory  # noqa: E402
 from orchestrator.catalog import GIB  # noqa: E402
@@ -175,6 +175,8 @@ def run_config(cfg: Config, timeout: int) -> dict:
         # The same runs are the trainer's GPU validation: keep throughput and loss too.
         row["tokens_per_s"] = s.get("tokens_per_s")
         row["final_loss"] = s.get("final_loss")
+        # the levers it ran with (what --from-results re-predicts with: common.job_as_ran)
+        row.update({k: s.get(k) for k in ("engine", "compiled_variants", "attention")})
     else:
         row["measured_peak_bytes"] = None
         row["oom"] = "out of memory" in tail.lower()
@@ -263,7 +265,7 @@ def repredict(rows: list[dict], cal: memory.Calibration) -> list[dict]:
     out = []
     for r in rows:
         cfg = by_name.get(r["config"]) or Config(r["config"], r["role"], r["strategy"], r["gpus"], tuple(r["overrides"]))
-        job = make_job(cfg, RUNS / cfg.name / "out", RUNS / cfg.name / "data.jsonl")
+        job = job_as_ran(make_job(cfg, RUNS / cfg.name / "out", RUNS / cfg.name / "data.jsonl"), r)
         out.append(finish_row({**r, **predict_row(cfg, job, cal)}))
     return out
 

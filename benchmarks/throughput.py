@@ -311,7 +311,7 @@ def baseline_dataset(job, torch):
 
     from orchestrator import data as D
 
-    rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size))
+    rows = D.tokenize_all(job, D.load_tokenizer(job, job.shape().vocab_size)).train
     labels = np.full_like(rows.targets, D.IGNORE)
     labels[:, 1:] = rows.targets[:, :-1]
     tensors = {"input_ids": rows.input_ids, "position_ids": rows.position_ids, "labels": labels}

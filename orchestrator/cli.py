@@ -25,6 +25,7 @@ examples:
   orch compile jobs/llama8b_full_2x80.yaml --out build/   # write build/ds_configs/, build/slurm/
   orch submit jobs/tiny.yaml --local --out runs/demo      # train here (CPU or local GPUs)
   orch submit jobs/llama70b.yaml --out runs/llama70b      # sbatch on a Slurm cluster
+  orch export runs/tiny --out runs/tiny-hf                # the demo run as a Hugging Face model folder
 
 Overrides: any spec field as dotted.key=value after the job file, before or after
 options; values are YAML (4 is a number, true a boolean, [a, b] a list) and are
@@ -141,6 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train.run(train.TrainOptions.from_args(args))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from orchestrator import export
+
+    if args.max_shard_mb <= 0:
+        raise OrchError(f"--max-shard-mb: got {args.max_shard_mb}; must be > 0", Exit.BAD_SPEC)
+    result = export.export_run(Path(args.run_dir), Path(args.out), max_shard_bytes=int(args.max_shard_mb * 10**6))
+    print(export.render(result))
+    return Exit.OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
@@ -205,8 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     train.add_arguments(p)
 
-    p = add("status", cmd_status, "show Slurm jobs submitted by orch", "orch status")
-    p.add_argument("job_id", nargs="?", help="Slurm job id (default: all of yours)")
+    p = add("export", cmd_export, "write a run's latest complete checkpoint as a Hugging Face model folder (LoRA/QLoRA "
+            "merged into the base; no orch or PEFT needed to load it)", "orch export runs/tiny --out runs/tiny-hf")
+    p.add_argument("run_dir", help="the run's output dir (training.output_dir), holding job.yaml and checkpoints/")
+    p.add_argument("--out", required=True, help="new folder to write (must not exist, or be empty)")
+    p.add_argument("--max-shard-mb", type=float, default=5000,
+                   help="largest safetensors file in MB (10^6 bytes; default 5000); a larger single tensor gets its own")
+
+    p = add("status", cmd_status, "show Slurm jobs, or one job's progress: step / total, loss, eval loss, tokens/s, "
+            "ETA, measured vs predicted peak", "orch status")
+    p.add_argument("job_id", nargs="?", metavar="JOBID|RUN_DIR",
+                   help="a Slurm job id, or a run's output folder (training.output_dir; for --local runs); "
+                        "default: squeue of all your jobs")
     p = add("cancel", cmd_cancel, "cancel a Slurm job", "orch cancel 1234")
     p.add_argument("job_id", help="Slurm job id")
     p = add("logs", cmd_logs, "print a submitted job's log", "orch logs 1234 --follow")

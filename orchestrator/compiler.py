@@ -89,7 +89,13 @@ def resolve_job(job: JobSpec, strategy: str, portable: bool) -> JobSpec:
     data = job.model_dump(mode="json")
     data["strategy"] = strategy
     conv = lambda p: _path_for_output(p, portable)  # noqa: E731
-    data["data"]["paths"] = [conv(p) for p in job.data.paths]
+    d = job.data
+    for key in ("paths", "eval_paths"):
+        if getattr(d, key) is not None:
+            data["data"][key] = [conv(p) for p in getattr(d, key)]
+    for key in ("sources", "eval_sources"):
+        for item in data["data"][key] or []:
+            item["path"] = conv(item["path"])
     if hub.from_cache(job.model.name):
         # The trainer reads the very snapshot resolved here; --portable keeps the id for the cluster's own cache.
         data["model"]["name"] = job.model.name if portable else _path_for_output(str(job.model.folder()), False)
@@ -155,6 +161,20 @@ def write(compiled: Compiled) -> list[Path]:
         _write_atomic(compiled.files[key], texts[key])
         written.append(compiled.files[key])
     return written
+
+
+RUN_JOB_FILE = "job.yaml"
+"""The resolved job a run trains, written into its output dir when the trainer starts (`write_run_job`)."""
+
+
+def write_run_job(job: JobSpec, strategy: str) -> Path:
+    """Write ``job`` as the run trains it -- concrete strategy, absolute paths -- to
+    ``<output_dir>/job.yaml`` atomically; return the path. The run folder then says which job
+    made it, for tools that start from the folder alone (`orch export RUN_DIR`)."""
+    resolved = resolve_job(job, strategy, portable=False)
+    path = resolved.output_dir() / RUN_JOB_FILE
+    _write_atomic(path, dump_job(resolved))
+    return path
 
 
 def compile_job(job: JobSpec, out_dir, options: CompileOptions = CompileOptions()) -> list[Path]:

@@ -1,8 +1,9 @@
 """Validate-time checks of the training data: the first rows of every data file.
 
 `orch validate` (and plan, compile, submit: all of them load the spec through
-`spec.check_files`) reads the first FIRST_ROWS rows of each file and checks them
-against ``data.format`` with :func:`row_problem`, the same function the trainer
+`spec.check_files`) reads the first FIRST_ROWS rows of each file of every source
+(data.paths / data.sources, and the eval files) and checks them against that
+source's format with :func:`row_problem`, the same function the trainer
 (orchestrator/data.py) applies to every row, so the two cannot disagree about what a
 format needs. An empty file, rows of another format and a folder that is not a
 ``save_to_disk`` dataset are then one-line spec errors before anything is queued,
@@ -206,8 +207,9 @@ class DataProblem:
     """One problem with a data file, for a one-line spec error."""
 
     key: tuple
-    """The spec key path to name (and find the YAML line of): ('data', 'paths', i) for the file itself,
-    ('data', 'format') for rows that do not fit the format."""
+    """The spec key path to name (and find the YAML line of): the file's own key (('data', 'paths', i),
+    ('data', 'sources', i, 'path'), ...) for the file itself, the format's key (('data', 'format') or
+    ('data', 'sources', i, 'format')) for rows that do not fit the format."""
     message: str
     """The rest of the line."""
 
@@ -216,17 +218,19 @@ class DataProblem:
         return ".".join(map(str, self.key))
 
 
-def check_data_path(index: int, path: str, fmt: str) -> Optional[DataProblem]:
-    """The first problem of data.paths[index]'s first rows, or None. The caller has checked that
-    the path exists and (for a file) can be opened."""
+def check_data_path(path: str, fmt: str, path_key: tuple, format_key: tuple) -> Optional[DataProblem]:
+    """The first problem of one data file's first rows, or None. ``path_key`` and ``format_key`` are the
+    spec keys of the file and of the format it is read in. The caller has checked that the path exists
+    and (for a file) can be opened."""
     try:
         first = first_rows(Path(path))
     except DataFileError as exc:
-        return DataProblem(("data", "paths", index), f"{path!r}: {exc}")
+        return DataProblem(path_key, f"{path!r}: {exc}")
     if not first.rows and not first.cut_short:
-        return DataProblem(("data", "paths", index), f"{path!r} has no rows")
+        return DataProblem(path_key, f"{path!r} has no rows")
     for row, where in zip(first.rows, first.where):
         problem = row_problem(fmt, row)
         if problem is not None:
-            return DataProblem(("data", "format"), f"{problem}, but {where} of {path!r} (data.paths.{index}) has {_keys(row)}")
+            named = ".".join(map(str, path_key))
+            return DataProblem(format_key, f"{problem}, but {where} of {path!r} ({named}) has {_keys(row)}")
     return None

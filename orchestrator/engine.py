@@ -108,8 +108,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from orchestrator import levers
 from orchestrator.checkpoint import CheckpointError
-from orchestrator.errors import Exit, OrchError
+from orchestrator.levers import ENGINES, EngineError, EngineFacts  # noqa: F401 - ENGINES, EngineError: this module's API
 
 STATE_FILE = "plain_engine.pt"
 """The one file PlainEngine writes into a checkpoint folder."""
@@ -117,15 +118,6 @@ DEEPSPEED_STATE_FILES = "*mp_rank_*_model_states.pt"
 """What DeepSpeed writes there: mp_rank_00_model_states.pt (stage 0-2) or
 zero_pp_rank_<R>_mp_rank_00_model_states.pt (stage 3); recognized to give a clear error."""
 FORMAT = 1
-ENGINES = ("auto", "deepspeed", "plain")
-"""Values of training.engine."""
-
-
-class EngineError(OrchError):
-    """PlainEngine cannot run this job (one line). A checkpoint it cannot load raises
-    checkpoint.CheckpointError, which the trainer already reports."""
-
-    code = Exit.BAD_SPEC
 
 
 @dataclass(frozen=True)
@@ -173,32 +165,14 @@ class EngineConfig:
 
 
 def unsupported_reason(config: dict) -> Optional[str]:
-    """Why PlainEngine cannot run this DeepSpeed config, or None when it can."""
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != 0:
-        return f"ZeRO stage {stage} partitions state across processes, which needs DeepSpeed"
-    if config.get("fp16", {}).get("enabled"):
-        return "model.dtype fp16 needs dynamic loss scaling, which only the DeepSpeed engine implements here"
-    optimizer = config.get("optimizer", {}).get("type")
-    if optimizer != "AdamW":
-        return f"optimizer {optimizer!r}: PlainEngine runs AdamW only"
-    return None
+    """Why PlainEngine cannot run this DeepSpeed config, or None when it can (levers.EngineFacts' rule)."""
+    return EngineFacts.of_deepspeed(config).unsupported_reason()
 
 
 def choose_engine(setting: str, config: dict) -> str:
-    """'plain' or 'deepspeed' for ``training.engine`` = ``setting`` and this DeepSpeed config.
-
-    auto: plain wherever it can run (one device, bf16/fp32), DeepSpeed elsewhere.
-    plain: plain, or an EngineError naming the field when it cannot run.
-    """
-    if setting not in ENGINES:
-        raise ValueError(f"unknown engine {setting!r}")
-    reason = unsupported_reason(config)
-    if setting == "plain" and reason:
-        raise EngineError(f"training.engine: plain cannot run this job: {reason}; use auto or deepspeed")
-    if setting == "deepspeed" or reason:
-        return "deepspeed"
-    return "plain"
+    """'plain' or 'deepspeed' for ``training.engine`` = ``setting`` and this DeepSpeed config
+    (``levers.choose_engine``, the rule the planner's memory model uses too)."""
+    return levers.choose_engine(setting, EngineFacts.of_deepspeed(config))
 
 
 def written_by(folder: Path) -> Optional[str]:

@@ -11,7 +11,7 @@ component. Each docstring says what the trainer (``orchestrator/recipe.py`` /
 live in ONE place, :class:`Calibration`, so they can be re-fitted on GPU
 measurements (``benchmarks/memory_accuracy.py --from-results``).
 
-The peak is the larger of two phases, because activations and optimizer-step
+The training peak is the larger of two phases, because activations and optimizer-step
 temporaries never coexist:
 
 * forward/backward: resident model states + saved activations + the largest
@@ -19,6 +19,10 @@ temporaries never coexist:
   dequantization buffer + ZeRO communication buffers and gathered params;
 * optimizer step: resident model states + the fp32 gradient partition and
   Adam temporaries DeepSpeed creates for the step.
+
+A job with an eval split also has an eval peak (`eval_peak_bytes`: the resident states
+plus one no-grad forward and loss at the eval micro batch); what must fit is the
+largest of the training, load and eval peaks.
 
 ``breakdown`` lists the components of the peak phase only (so the values add
 up to ``peak_allocated``); the other phase's transients are 0 there.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orchestrator import levers
 from orchestrator.catalog import GIB, MIB, ModelShape
 from orchestrator.deepspeed_config import bucket_sizes
 from orchestrator.spec import JobSpec
@@ -127,8 +132,10 @@ class MemoryEstimate:
     """Predicted peak of torch.cuda.max_memory_allocated() per GPU during training."""
     load_peak: int
     """Predicted peak allocated per GPU while loading the model and initializing DeepSpeed."""
+    eval_peak: int
+    """Predicted peak allocated per GPU during the eval pass (0 without an eval split)."""
     total: int
-    """What must fit on one GPU: max(peak, load peak) x (1 + slack) + CUDA context (+ NCCL)."""
+    """What must fit on one GPU: max(peak, load peak, eval peak) x (1 + slack) + CUDA context (+ NCCL)."""
     cpu_bytes: int
     """Host RAM per node: training processes plus pinned offloaded states/params."""
     nvme_bytes: int
@@ -261,10 +268,12 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
     optimizer fp32 master copies + fp32 exp_avg/exp_avg_sq (16 B per trainable
     param in fp32 state). Sharding by ZeRO stage over W ranks:
 
-    * stage 0 (single_gpu: DeepSpeed's FP16_UnfusedOptimizer in bf16, since
-      torch AdamW is not FusedAdam): nothing sharded; per-param fp32 master
+    * stage 0 (single_gpu) on DeepSpeed's engine (FP16_UnfusedOptimizer in bf16,
+      since torch AdamW is not FusedAdam): nothing sharded; per-param fp32 master
       clones; the step casts every grad to fp32 (4 B/param) and torch's foreach
       Adam makes one fp32 temporary.
+    * stage 0 on PlainEngine (``levers.engine``: training.engine auto or plain): the same
+      resident state; `plain_step_temp_bytes` for its step.
     * stage 2: params whole; grads, master, moments 1/W; the step makes the fp32
       gradient of the partition. Frozen params are plain module params (whole).
     * stage 3: everything 1/W, frozen and 4-bit params included (the bnb quant
@@ -300,6 +309,8 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
     moments = t_shard * FP32 * ADAM_STATES
     step_elems = min(t_shard, ZERO3_SUB_GROUP_ELEMENTS) if sharded else t_shard
     step_temp = step_elems * FP32 * (int(mixed) + cal.adam_temp_copies)
+    if levers.engine(job, strategy) == "plain":
+        step_temp = plain_step_temp_bytes(job, shape)
     if opt_dev != "none":
         host.update(master_weights=master, optimizer_states=moments, fp32_gradients=t_shard * FP32)
         gpu.update(gradients=0, master_weights=0, optimizer_states=0)
@@ -307,6 +318,32 @@ def model_states(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibratio
     else:
         gpu.update(gradients=grads, master_weights=master, optimizer_states=moments)
     return ModelStates(gpu=gpu, host=host, step_temp=int(step_temp))
+
+
+def largest_trainable_elements(job: JobSpec, shape: ModelShape) -> int:
+    """Elements of the largest trainable tensor: a LoRA A (r x in) or B (out x r) matrix, or for a
+    full finetune the embedding, lm_head or largest decoder linear."""
+    if job.method == "full":
+        return max(shape.embedding_params(), param_counts(job, shape).largest_linear)
+    return max(job.lora.r * max(i, o) for i, o in lora_targets(job, shape).values())
+
+
+def plain_step_temp_bytes(job: JobSpec, shape: ModelShape) -> int:
+    """What PlainEngine's optimizer step allocates on top of the resident states (gradients
+    counted there), per ``orchestrator/engine.py``'s table.
+
+    bf16: each bf16 gradient is copied to an fp32 gradient on its master and then freed, one
+    tensor at a time, so the gradient bytes peak when the last tensor is converted: 4 B per
+    trainable param plus that tensor's own 2 B, i.e. 2 B per param and one tensor on top of the
+    resident 2 B (the largest trainable tensor stands in for the last one: exact for a full
+    finetune, whose last parameter is the untied lm_head, and within one LoRA matrix otherwise).
+    fp32: the gradients are the masters' own. Fused AdamW makes no temporaries, the foreach norm
+    one scalar per tensor and clipping scales in place.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    if job.model.dtype == "fp32":
+        return 0
+    return (FP32 - d) * param_counts(job, shape).trainable + d * largest_trainable_elements(job, shape)
 
 
 # ---------------------------------------------------------------------------
@@ -353,24 +390,43 @@ def norm_bytes_per_token(job: JobSpec, shape: ModelShape, cal: Calibration = CAL
 
 
 def attention_score_bytes_per_token(job: JobSpec, shape: ModelShape, seq_len: int) -> int:
-    """Bytes per token that one layer's attention scores save, by kernel.
+    """Bytes per token that one layer's attention scores save, by kernel (``levers.attention``).
 
     sdpa converts the bool mask to an additive mask in model dtype per call and saves it
     (d * seq_len); eager saves the fp32 softmax and its model-dtype copy per head
     ((4 + d) * heads * seq_len), plus, with attention-logit soft-capping (Gemma-2), the tanh
     output tanh(s / cap) in model dtype (d * heads * seq_len; the divisions and products by
     the scalar cap save nothing); flash_attention_2 saves no scores (soft-capping and sliding
-    windows run inside the kernel). A sliding window changes no saved size: eager and sdpa
-    still materialize seq x seq, only masked.
+    windows run inside the kernel), and neither does flex_attention: its mask is the BlockMask
+    (`attention_mask_bytes`), its soft-cap a score_mod inside the kernel, and its backward
+    recomputes the scores block by block. A sliding window changes no saved size: eager and
+    sdpa still materialize seq x seq, only masked.
     """
     d = DTYPE_BYTES[job.model.dtype]
-    attn = job.model.attn_implementation
+    attn = levers.attention(job, shape)
     if attn == "eager":
         softcap = d if shape.attn_logit_softcapping else 0
         return (FP32 + d + softcap) * shape.num_attention_heads * seq_len
     if attn == "sdpa":
         return d * seq_len
     return 0
+
+
+def key_value_bytes_per_token(job: JobSpec, shape: ModelShape) -> int:
+    """Bytes per token of k (after RoPE) and v that one layer's attention saves, by kernel.
+
+    sdpa with packed rows' mask and eager take k and v repeat_kv-expanded to the query heads
+    (sdpa with a mask skips its GQA path): 2 x d x q_dim. transformers' flex path passes them at
+    the key/value width with enable_gqa when the number of query heads is a power of two (Llama 3
+    8B/70B: 32/64 heads over 8), 2 x d x kv_dim, and expands them like sdpa otherwise (Qwen2.5 7B:
+    28 heads; ``integrations/flex_attention.py``, transformers 5.17 and 5.23). flash_attention_2
+    is counted as sdpa (not measured).
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    heads = shape.num_attention_heads
+    if levers.attention(job, shape) == "flex_attention" and heads & (heads - 1) == 0:
+        return 2 * d * shape.kv_dim
+    return 2 * d * shape.q_dim
 
 
 def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION) -> int:
@@ -382,11 +438,11 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
       each, saved by pow and mul; Gemma has 4 per layer, Qwen3/Gemma-3 also norm
       q and k); full finetune also saves the normalized tensor for the norm
       weight's gradient.
-    * attention: q after RoPE (d*q); k and v repeat_kv-expanded to q heads
-      (2*d*q: packed rows carry a 4D mask and sdpa with a mask skips its GQA
-      path); sdpa's output (d*q) and logsumexp (fp32 per head); the scores'
-      saved tensors per kernel (attention_score_bytes_per_token). q = heads x
-      head_dim, which Gemma and Qwen3 set apart from hidden / heads.
+    * attention: q after RoPE (d*q); k and v, expanded to q heads or not by
+      kernel (key_value_bytes_per_token); the kernel's output (d*q) and
+      logsumexp (fp32 per head); the scores' saved tensors per kernel
+      (attention_score_bytes_per_token). q = heads x head_dim, which Gemma and
+      Qwen3 set apart from hidden / heads.
     * gated MLP, SwiGLU or GeGLU alike: gate output (the activation's saved
       input), activation output, up output (cal.mlp_intermediates x d*i; Phi-3's
       fused gate_up output is the gate and up halves of one tensor, the same bytes).
@@ -402,7 +458,7 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     h, q, i = shape.hidden_size, shape.q_dim, shape.intermediate_size
     heads = shape.num_attention_heads
     per_token = norm_bytes_per_token(job, shape, cal)
-    per_token += 3 * d * q + d * q + FP32 * heads  # q, expanded k and v; sdpa output + lse
+    per_token += d * q + key_value_bytes_per_token(job, shape) + d * q + FP32 * heads  # q, k, v; output + lse
     per_token += attention_score_bytes_per_token(job, shape, seq_len)
     per_token += cal.mlp_intermediates * d * i
     linears = shape.linear_shapes()
@@ -422,22 +478,39 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     return int(per_token * tokens)
 
 
-def attention_mask_bytes(job: JobSpec, kinds: int = 1) -> int:
-    """The 4D masks transformers builds once per forward for packed rows, shared by all layers.
+FLEX_BLOCK = 128
+"""Tokens per side of one flex-attention block (torch's _DEFAULT_SPARSE_BLOCK_SIZE, which
+transformers' ``flex_attention_mask`` uses)."""
 
-    Rows with several packed examples restart position_ids, so transformers
-    materializes a block-diagonal causal mask of micro_batch x seq x seq: bool
-    for sdpa, model dtype for eager. flash_attention_2 uses varlen indices
-    instead. (Rows holding a single example get no mask at all: is_causal; the
-    model assumes packing, the common case, which is the larger.) ``kinds``:
-    masks per forward (ModelShape.attention_mask_kinds): models mixing
-    sliding-window and full layers (Gemma-2/3) build one of each.
+
+def attention_mask_bytes(job: JobSpec, shape: ModelShape) -> int:
+    """The masks transformers builds once per forward for packed rows, shared by all layers.
+
+    Rows with several packed examples restart position_ids, so transformers builds a
+    block-diagonal causal mask (``levers.attention`` picks the kernel):
+
+    * sdpa: a bool micro_batch x seq x seq tensor; eager: the same in model dtype;
+    * flex_attention: a BlockMask, int32 block counts and indices of the blocks that are
+      partly and fully inside the mask, forward (per query block) and transposed (per key
+      block): 4 x (q_blocks x kv_blocks) + 2 x q_blocks + 2 x kv_blocks int32 per row, blocks of
+      FLEX_BLOCK tokens; plus the int64 example id of every token, which its mask function
+      holds (``masking_utils.find_packed_sequence_indices``);
+    * flash_attention_2: varlen indices instead (counted as nothing).
+
+    (Rows holding a single example get no mask at all: is_causal; the model assumes packing,
+    the common case, which is the larger.) Models mixing sliding-window and full layers
+    (Gemma-2/3) build one mask per kind (ModelShape.attention_mask_kinds).
     """
-    attn = job.model.attn_implementation
+    attn = levers.attention(job, shape)
+    mb, seq = job.training.micro_batch_size, job.data.seq_len
     if attn == "flash_attention_2":
-        return 0
-    per = 1 if attn == "sdpa" else DTYPE_BYTES[job.model.dtype]
-    return kinds * job.training.micro_batch_size * job.data.seq_len * job.data.seq_len * per
+        per_kind = 0
+    elif attn == "flex_attention":
+        blocks = -(-seq // FLEX_BLOCK)
+        per_kind = mb * (4 * blocks * blocks + 4 * blocks) * FP32 + mb * seq * 8
+    else:
+        per_kind = mb * seq * seq * (1 if attn == "sdpa" else DTYPE_BYTES[job.model.dtype])
+    return shape.attention_mask_kinds() * per_kind
 
 
 def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> tuple[int, int]:
@@ -449,13 +522,22 @@ def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRA
     backward one layer is recomputed at a time, so its full activations plus
     its gradients are the transient. Both add the final norm's saved tensors
     and the shared attention mask.
+
+    Compiled decoder layers (``levers.compiled``) are counted as eager ones. Assumed, from
+    AOTAutograd's min-cut partitioner: it saves at most what eager autograd saves, recomputing
+    fusible pointwise work (RMSNorm's fp32 copies, SiLU, RoPE) in the backward instead, and
+    inductor keeps no persistent device workspace without CUDA graphs. Measured on an H100
+    (issue 16, QLoRA 8B micro batch 4, seq 2048, checkpointing): compiled layers with flex
+    attention on PlainEngine peaked 16,463,360 B below eager sdpa on DeepSpeed, where the
+    dense bool mask this model drops for flex is 16,777,216 B; the peak there is the loss
+    chunk's, so the layers' own saved bytes were not seen apart.
     """
     t = job.training
     tokens = t.micro_batch_size * job.data.seq_len
     d = DTYPE_BYTES[job.model.dtype]
     h = shape.hidden_size
     layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal)
-    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job, shape.attention_mask_kinds())
+    final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job, shape)
     if t.gradient_checkpointing:
         saved = shape.num_hidden_layers * d * h * tokens + final_norm
         transient = int(layer * (1 + cal.backward_transient))
@@ -580,11 +662,19 @@ def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibr
     return max(before_head + layer, whole)
 
 
-def single_gpu_init_bytes(job: JobSpec, trainable: int, cal: Calibration = CALIBRATION) -> int:
-    """What the single-GPU engine allocates while it is initialized, on top of the built model.
+def single_gpu_init_bytes(job: JobSpec, engine: str, trainable: int, cal: Calibration = CALIBRATION) -> int:
+    """What the single-GPU engine (``levers.engine``: 'plain' or 'deepspeed') allocates while it is
+    initialized, on top of the built model.
 
-    The engine-specific part of the load peak for single_gpu (DeepSpeed stage 0 today). DeepSpeed
-    0.19.8 wraps torch AdamW in FP16_UnfusedOptimizer for bf16 and fp16 models (engine
+    PlainEngine (``orchestrator/engine.py``) makes the fp32 master of every trainable bf16 parameter
+    (``p.detach().float()``: 4 B) and nothing else: fused AdamW creates its moments at the first
+    step, the scheduler holds no tensors. fp32 models train their parameters as their own masters:
+    0. Measured on one H100 (issue 16, benchmarks/results/device/h100-call5/quick.json, 41,943,040
+    trainable LoRA params): QLoRA 8B 5,954,414,592 B = whole model 5,786,426,240 + 4 x 41,943,040
+    + 216,192; LoRA 8B 16,312,181,760 B = 16,144,408,576 + 4 x 41,943,040 + 1,024 (the same
+    216,192 and 1,024 B residuals the DeepSpeed runs of those shapes show over their prediction).
+
+    DeepSpeed 0.19.8 wraps torch AdamW in FP16_UnfusedOptimizer for bf16 and fp16 models (engine
     ``_do_optimizer_sanity_check`` returns DDP_BFLOAT16 / FP16, and torch AdamW is no FusedAdam), and
     its ``initialize_optimizer_states`` runs one optimizer step on zero gradients so that the Adam
     moments exist from the start. During that step every trainable parameter has: its fp32 master
@@ -597,6 +687,8 @@ def single_gpu_init_bytes(job: JobSpec, trainable: int, cal: Calibration = CALIB
     d = DTYPE_BYTES[job.model.dtype]
     if job.model.dtype == "fp32":
         return 0
+    if engine == "plain":
+        return trainable * FP32
     return int(trainable * (FP32 + d + FP32 + ADAM_STATES * FP32 + cal.adam_temp_copies * FP32))
 
 
@@ -604,7 +696,7 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
                            cal: Calibration = CALIBRATION) -> int:
     """Peak allocated during engine initialization (deepspeed.initialize), built model included.
 
-    * stage 0: the whole model + ``single_gpu_init_bytes``.
+    * stage 0: the whole model + ``single_gpu_init_bytes`` of its engine (PlainEngine or DeepSpeed's).
     * stage 2 (``DeepSpeedZeroOptimizer``): the trainable params are copied into one flat buffer on
       the GPU while the originals still exist (only when it fits there; else DeepSpeed flattens
       through host memory); then the fp32 master partition (a model.dtype clone cast to fp32:
@@ -626,7 +718,8 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
     mixed = job.model.dtype != "fp32"
     t = param_counts(job, shape).trainable
     if stage == 0:
-        return whole_model_bytes(job, shape, job.quantization.storage_for(False)) + single_gpu_init_bytes(job, t, cal)
+        return (whole_model_bytes(job, shape, job.quantization.storage_for(False))
+                + single_gpu_init_bytes(job, levers.engine(job, strategy), t, cal))
     if stage == 2:
         whole = whole_model_bytes(job, shape, job.quantization.storage_for(False))
         flat = t * d if whole + t * d <= job.hardware.gpu_memory_bytes() else 0
@@ -662,6 +755,85 @@ def load_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: Mode
 
 
 # ---------------------------------------------------------------------------
+# The eval pass: a forward and the loss under torch.no_grad, between optimizer steps
+
+
+def eval_layer_bytes_per_token(job: JobSpec, shape: ModelShape, seq_len: int) -> int:
+    """The largest working set of one decoder layer's no-grad forward, bytes per token, the layer's
+    input (the residual stream) included.
+
+    Without autograd a tensor dies when the code drops its last reference, so only what one
+    sub-block holds at once counts (d = model dtype bytes, h hidden, q = heads x head_dim,
+    kv = kv heads x head_dim, i ffn):
+
+    * attention: the residual (d*h) and the normed input (d*h); q, k, v (d*(q + 2 kv)) and the
+      rotated q and k made while those exist (d*(q + kv)); k and v expanded to q heads for
+      sdpa/eager (2*d*q; flash_attention_2 and flex read the kv heads); the attention output (d*q);
+      the scores' working set per kernel, counted as training saves it
+      (attention_score_bytes_per_token, which for eager with soft-capping is one model-dtype copy
+      more than the no-grad forward holds at once).
+    * MLP: the residual and the normed input (2*d*h) and the ffn-wide tensors alive together:
+      act(gate), up and their product (3*d*i) in ``down_proj(act(gate_proj(x)) * up_proj(x))``;
+      Phi-3's fused gate_up output stays alive through its two halves (4*d*i).
+    * LoRA (eval mode: dropout is the identity): an adapted linear's base output, lora_B's output
+      and its scaled copy exist at once, so two output-wide tensors more while it runs: on
+      up_proj that makes act(gate) + 3 ffn-wide tensors (4*d*i, over the 3 of the product), on
+      Phi-3's gate_up 2*i + 2*2*i (6*d*i); in attention 2 x the widest adapted output.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    h, q, kv, i = shape.hidden_size, shape.q_dim, shape.kv_dim, shape.intermediate_size
+    linears = shape.linear_shapes()
+    targets = lora_targets(job, shape) if job.method != "full" else {}
+    expand = 0 if job.model.attn_implementation in ("flash_attention_2", "flex_attention") else 2 * q
+    attn_lora = max((linears[m][1] for m in targets if m in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")), default=0)
+    attention = (2 * d * h + d * (q + 2 * kv) + d * (q + kv) + d * expand + d * q + 2 * d * attn_lora
+                 + attention_score_bytes_per_token(job, shape, seq_len))
+    if shape.family.fused_linears:
+        ffn_wide = max(4, 2 + 4 * int("gate_up_proj" in targets))
+    else:
+        ffn_wide = max(3, 2 + 2 * int("up_proj" in targets))
+    mlp = 2 * d * h + ffn_wide * d * i
+    return max(int(attention), mlp)
+
+
+def eval_transient_bytes(job: JobSpec, strategy: str, shape: ModelShape, micro_batch: int,
+                         cal: Calibration = CALIBRATION) -> int:
+    """Peak bytes of the eval pass on top of the resident model states: one micro batch of
+    ``micro_batch`` sequences through the decoder and the chunked loss under torch.no_grad.
+
+    No saved activations, no gradients, no optimizer-step temporaries. Two moments compete:
+
+    * inside a decoder layer: its working set (eval_layer_bytes_per_token) for every token, the
+      shared 4D attention masks (attention_mask_bytes at this micro batch), the bnb
+      dequantization buffer (qlora) and, under ZeRO-3, the gathered parameters;
+    * the loss, one chunk of ``loss_chunk_tokens`` at a time (all tokens when 0): the final hidden
+      states (d*h per token) and, per logit of the chunk, the model-dtype logits, their fp32 upcast
+      and cross-entropy's fp32 log-softmax (d + 4 + 4 bytes; soft-capping's temporaries come before
+      the upcast and are no larger), plus the gathered parameters under ZeRO-3.
+    """
+    t = job.training
+    eval_job = job.model_copy(update={"training": t.model_copy(update={"micro_batch_size": micro_batch})})
+    tokens = micro_batch * job.data.seq_len
+    d = DTYPE_BYTES[job.model.dtype]
+    live = zero3_live_param_bytes(job, strategy, shape, cal)
+    layer = (eval_layer_bytes_per_token(job, shape, job.data.seq_len) * tokens
+             + attention_mask_bytes(eval_job, shape) + dequant_buffer_bytes(job, shape, cal))
+    chunk = min(t.loss_chunk_tokens or tokens, tokens)
+    loss = d * shape.hidden_size * tokens + (d + FP32 + FP32) * shape.vocab_size * chunk
+    return max(layer, loss) + live
+
+
+def eval_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, resident: int, cal: Calibration = CALIBRATION) -> int:
+    """Peak allocated during the eval pass (0 when the job has no eval split): the resident bytes
+    (model states as training keeps them between steps -- DeepSpeed's gradient partition and
+    optimizer states stay allocated --, buckets, fixed allocations) plus eval_transient_bytes at the
+    eval micro batch (training.eval_micro_batch_size, else the training micro batch)."""
+    if not job.data.has_eval():
+        return 0
+    return resident + eval_transient_bytes(job, strategy, shape, job.eval_micro_batch(), cal)
+
+
+# ---------------------------------------------------------------------------
 # Host RAM and NVMe
 
 
@@ -692,6 +864,12 @@ def host_bytes(job: JobSpec, strategy: str, shape: ModelShape, states: ModelStat
     out = {k: v * ranks for k, v in per_rank.items()}
     out["processes"] = cal.host_process_bytes * ranks
     return out, nvme * ranks
+
+
+def outside_allocator_bytes(job: JobSpec, cal: Calibration = CALIBRATION) -> int:
+    """GPU memory a training process holds outside PyTorch's caching allocator: the CUDA context,
+    plus NCCL's buffers when there are several processes."""
+    return cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
 
 
 # ---------------------------------------------------------------------------
@@ -729,8 +907,9 @@ def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape:
     peak = sum(breakdown.values())
 
     load = load_peak_bytes(job, strategy, shape, states, cal)
-    context = cal.cuda_context_bytes + (cal.nccl_bytes if job.hardware.world_size > 1 else 0)
-    total = int(max(peak, load) * (1 + cal.allocator_slack)) + context
+    eval_peak = eval_peak_bytes(job, strategy, shape, sum(resident.values()), cal)
+    total = int(max(peak, load, eval_peak) * (1 + cal.allocator_slack)) + outside_allocator_bytes(job, cal)
     cpu, nvme = host_bytes(job, strategy, shape, states, cal)
-    return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load, total=total,
+    return MemoryEstimate(strategy=strategy, breakdown=breakdown, peak_allocated=peak, load_peak=load,
+                          eval_peak=eval_peak, total=total,
                           cpu_bytes=sum(cpu.values()), nvme_bytes=nvme, phase=phase, cpu_breakdown=cpu)

@@ -64,6 +64,9 @@ class LoadedModel:
     """The underlying HF ``*ForCausalLM`` (its ``.model`` and ``.lm_head`` are used by the chunked loss)."""
     quantized_modules: int
     """How many linear layers are 4-bit (0 unless qlora)."""
+    attention: str
+    """The attention kernel the model runs (transformers' ``config._attn_implementation``: the spec's
+    value, auto resolved for this device by ``attn_implementation``)."""
     zero3_config: object = None
     """The HfDeepSpeedConfig that made transformers load partitioned (pretrained under ZeRO-3);
     kept referenced because transformers only holds a weak reference to it."""
@@ -92,16 +95,19 @@ def hf_config(job: JobSpec):
 
 
 def attn_implementation(job: JobSpec) -> str:
-    """The attention kernel: the spec's choice, checked against what is installed.
+    """The attention kernel on this process's device: ``levers.attention`` (auto resolved as the
+    planner resolves it, for CUDA or the CPU), checked against what is installed.
 
     flash_attention_2 needs the flash-attn package, a CUDA device and bf16/fp16
     (the spec already rejects fp32). flex_attention needs a GPU: PyTorch has no
-    CPU backward for it. sdpa is the default and always available.
+    CPU backward for it.
     """
-    impl = job.model.attn_implementation
+    from orchestrator import levers
+
+    impl = levers.attention(job, job.shape(), cuda=torch.cuda.is_available())
     if impl == "flex_attention" and not torch.cuda.is_available():
         raise ModelError("model.attn_implementation: flex_attention trains only on a GPU (PyTorch has no CPU backward "
-                         "for it); use sdpa on the CPU")
+                         "for it); use sdpa or auto on the CPU")
     if impl == "flash_attention_2":
         import importlib.util
 
@@ -407,19 +413,31 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
     base = model
     model.config.use_cache = False
     if job.training.gradient_checkpointing:
-        # Non-reentrant checkpointing: works with frozen inputs (no
-        # enable_input_require_grads hack), with ZeRO-3 hooks and with kwargs.
-        # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     if job.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         model = add_lora(job, model)
-    return LoadedModel(model=model, base=base, quantized_modules=nquant, zero3_config=keep_alive)
+    return LoadedModel(model=model, base=base, quantized_modules=nquant, attention=base.config._attn_implementation,
+                       zero3_config=keep_alive)
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation checkpointing of every decoder layer of the HF ``model`` on or off.
+
+    Non-reentrant checkpointing: works with frozen inputs (no enable_input_require_grads hack),
+    with ZeRO-3 hooks and with kwargs. transformers >= 5.2x renamed the methods
+    activation_checkpointing_enable/disable; 5.17 (GPU image) has the gradient_checkpointing_* names.
+    """
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def count_4bit(model: nn.Module) -> int:

@@ -16,7 +16,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Optional
 
-from orchestrator import memory
+from orchestrator import levers, memory
 from orchestrator.catalog import GIB, ModelShape
 from orchestrator.errors import Exit, OrchError
 from orchestrator.spec import JobSpec, SpecError, with_overrides
@@ -43,47 +43,74 @@ class SpeedModel:
     (FLOPs, traffic, a pass of overhead, a dequantization) and saves memory. The micro-batch and
     checkpointing search (``plan``) ranks its combinations by this model.
 
-    Fitted: attention_mfu and seconds_per_layer_pass, least squares on relative step time, on
-    the steady-state runs of benchmarks/results/throughput.json (QLoRA 8B micro batch 1 and 4,
-    LoRA 8B micro batch 1, seq 2048, checkpointing) and the five "calibration" rows of the
-    memory-accuracy runs (benchmarks/results/device/h100-call{1,2,3}: QLoRA 1B micro batch 4,
-    QLoRA 8B seq 2048 and seq 4096 without checkpointing, QLoRA 70B seq 1024, LoRA 8B micro
-    batch 2): median |error| 8.9 %, worst 35 % (QLoRA 1B, measured slower than predicted).
-    Checked on runs it was not fitted on: the seven "held_out" memory-accuracy rows (QLoRA 8B
-    micro batch 8 seq 512 and micro batch 2 seq 8192, 13B, 70B micro batch 2, Qwen2.5 7B,
-    eager attention, LoRA 1B) and benchmarks/results/device/h100-call4 (single_gpu and ZeRO-3
-    offload, QLoRA and LoRA 8B): median 11.6 %, worst 38 % (the eager row: its attention is not
-    sdpa's kernel). QLoRA 8B micro batch 4 over micro batch 1 (one run): 2.00x predicted, 1.79x
-    measured. The same QLoRA 8B micro batch 1 job measured 2,716-3,404 tok/s and LoRA 8B micro
-    batch 1 3,476-4,501 in different runs, so 15-25 % is run-to-run noise on that machine.
-    Every run so far has gradient accumulation 1, so the per-step cost (seconds_per_step) cannot
-    be told from the per-micro-step one yet and is 0; a micro batch x checkpointing grid at a
-    fixed global batch separates them (``--fields attention_mfu,seconds_per_layer_pass,seconds_per_step``).
-    After the trainer changes (torch.compile, no engine on one GPU, flex attention), re-run the
-    same command on new measurements.
+    The levers (``levers.resolve``: what the trainer uses for the strategy on the job's GPUs) pick
+    the constants: eager layers use seconds_per_layer_pass and activation_moves, compiled layers
+    compiled_seconds_per_layer_pass and compiled_activation_moves; sdpa and eager attention run
+    at attention_mfu, flex attention at flex_attention_mfu.
+
+    Fitted by ``python benchmarks/speed_fit.py`` (least squares on relative step time; each run is
+    predicted with the levers it ran with, so each path's constants come from that path's runs):
+
+    * eager layers, sdpa (DeepSpeed's engine): attention_mfu and seconds_per_layer_pass on the
+      steady-state runs of benchmarks/results/throughput.json (QLoRA 8B micro batch 1 and 4, LoRA
+      8B micro batch 1, seq 2048, checkpointing), the five "calibration" rows of the memory-accuracy
+      runs (benchmarks/results/device/h100-call{1,2,3}: QLoRA 1B micro batch 4, QLoRA 8B seq 2048
+      and seq 4096 without checkpointing, QLoRA 70B seq 1024, LoRA 8B micro batch 2) and h100-call5's
+      q4-ds-eager (QLoRA 8B micro batch 4): median |error| 6.1 % over those 9, worst 34 % (QLoRA 1B,
+      measured slower than predicted);
+    * compiled layers, flex attention (PlainEngine): flex_attention_mfu and
+      compiled_seconds_per_layer_pass on h100-call5's q4-flex and q1-flex (QLoRA 8B micro batch 4
+      and 1, seq 2048, checkpointing; two runs, two constants: exact), with compiled_activation_moves
+      assumed.
+
+    Checked on runs it was not fitted on: h100-call5's l1-flex (LoRA 8B micro batch 1, compiled,
+    flex): -15 % (measured 7,834 tok/s, predicted 6,630: QLoRA's extra time over LoRA on this path,
+    0.069 s per micro step measured, is more than the 0.021 s of dequantization traffic the model
+    charges, so LoRA comes out too slow); the seven "held_out" memory-accuracy rows and
+    benchmarks/results/device/h100-call4 (single_gpu and ZeRO-3 offload, QLoRA and LoRA 8B, eager
+    sdpa): median 12.6 % over all 14, worst 38 % (the eager-attention row). The same QLoRA 8B
+    micro batch 1 job measured 2,716-3,404 tok/s and LoRA 8B micro batch 1 3,476-4,501 in
+    different runs, so 15-25 % is run-to-run noise on that machine. Every run so far has gradient
+    accumulation 1, so the per-step cost (seconds_per_step) cannot be told from the per-micro-step
+    one yet and is 0; benchmarks/knob_grid.py measures micro batch x checkpointing grids at a fixed
+    global batch, which separate them (``--fields ...,seconds_per_step``).
     """
 
     peak_mfu: float = 0.7
     """Fraction of the dense bf16 peak the weight matmuls reach when launch overhead is amortized.
     Not fitted: cuBLAS reaches about 0.65-0.75 on H100 at these shapes, and the runs so far fit
     equally well with any value from 0.5 to 0.8 (the other terms absorb it)."""
-    attention_mfu: float = 0.227
+    attention_mfu: float = 0.197
     """Fraction of the dense bf16 peak the attention kernels reach (fitted): packed rows give sdpa a
     block mask, which moves it from the flash kernel to the slower memory-efficient one."""
+    flex_attention_mfu: float = 0.796
+    """The same for flex_attention (``levers.attention``), on the same full-square FLOP count
+    (flops_per_token), although flex skips the blocks outside the packed examples' mask: so this
+    is an effective rate, and it depends on the examples' lengths (fitted)."""
     seconds_per_step: float = 0.0
     """Fixed cost per optimizer step: the engine's step, gradient clipping and the optimizer over
     every trainable tensor. 0 until a run with gradient accumulation > 1 tells it apart from the
     per-micro-step overhead (see above); it never changes the knob ranking at a fixed global batch."""
-    seconds_per_layer_pass: float = 0.00312
+    seconds_per_layer_pass: float = 0.00307
     """Fixed cost per decoder layer per pass unit (forward 1, recompute 1, backward 2: backward
     launches grad-input and grad-weight kernels): Python, autograd and kernel launches of the
     layer's norms, attention, MLP and LoRA modules, which do not grow with the micro batch (fitted)."""
+    compiled_seconds_per_layer_pass: float = 0.00112
+    """The same for compiled decoder layers (``levers.compiled``: one graph per layer, pointwise
+    work fused, fewer launches). The engine has no term of its own: on one GPU PlainEngine comes
+    with compiled layers, and DeepSpeed stage 0's overhead per micro step (issue 16's probe: 6 %
+    at QLoRA 8B micro batch 4) is inside each path's fitted per-layer-pass constant (fitted)."""
     hbm_bytes_per_s: float = 2.5e12
     """Achieved GPU memory bandwidth of elementwise and dequantize kernels (H100 SXM HBM3: 3.35 TB/s
     peak, about 75 %). One value for every GPU: only its ratio to the FLOP time matters for ranking."""
     activation_moves: float = 4.0
     """Times each byte a layer saves for backward crosses HBM: written in forward, read in backward,
     and its gradient written and read once; checkpointing writes it once more in the recompute."""
+    compiled_activation_moves: float = 2.0
+    """The same for compiled decoder layers: a fused kernel reads a saved tensor where eager ran
+    several elementwise kernels over it and its gradient, so only the write in forward and the read
+    in backward are left (assumed, not fitted: the QLoRA 8B runs on this path cannot tell it apart
+    from flex_attention_mfu, both being per-token costs at one sequence length)."""
     dequant_bytes_per_param: float = 2.5
     """bitsandbytes dequantizes a 4-bit weight per matmul: reads 0.5 B packed, writes 2 B bf16."""
     intra_node_bytes_per_s: float = 150e9
@@ -133,6 +160,8 @@ class Candidate:
     """The micro batch it was evaluated with: the spec's, or the planner's pick when the spec says auto."""
     gradient_checkpointing: bool
     """Checkpointing it was evaluated with: the spec's, or the planner's pick when the spec says auto."""
+    levers: levers.Levers
+    """Engine, compiled layers and attention kernel the trainer will use for it on the job's GPUs."""
 
 
 @dataclass
@@ -166,7 +195,7 @@ def valid_strategies(job: JobSpec) -> list[str]:
     on one GPU too (they move optimizer states or params to the host, useful for
     full finetunes). NVMe variants need hardware.nvme_path. qlora under ZeRO-3
     needs the packed storage dtype to equal model.dtype (the trainer refuses
-    otherwise).
+    otherwise). training.engine plain keeps the strategies PlainEngine runs.
     """
     world = job.hardware.world_size
     out = []
@@ -178,6 +207,8 @@ def valid_strategies(job: JobSpec) -> list[str]:
         if s.needs_nvme and not job.hardware.nvme_path:
             continue
         if job.method == "qlora" and s.sharded and job.quantization.storage_for(True) != job.model.dtype:
+            continue
+        if job.training.engine == "plain" and levers.EngineFacts.of_job(job, s.name).unsupported_reason():
             continue
         out.append(s.name)
     return out
@@ -211,28 +242,34 @@ def flops_per_token(job: JobSpec, shape: ModelShape) -> tuple[int, int]:
     return weights, attention
 
 
-def micro_step_seconds(job: JobSpec, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
-    """Predicted seconds of one forward + backward of one micro batch on one GPU (no communication).
+def micro_step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
+    """Predicted seconds of one forward + backward of one micro batch on one GPU (no communication),
+    with the levers the trainer uses for ``strategy`` on the job's GPUs (``levers.resolve``).
 
     FLOPs per token (``flops_per_token``): weight FLOPs run at peak_mfu, attention FLOPs at
-    attention_mfu. Memory traffic: each layer's saved activations cross HBM activation_moves times
-    (+1 with checkpointing), and qlora dequantizes every 4-bit weight in each pass. Fixed: a
-    launch overhead per layer per pass unit.
+    attention_mfu (flex_attention_mfu for flex attention). Memory traffic: each layer's saved
+    activations cross HBM activation_moves times (+1 with checkpointing), and qlora dequantizes
+    every 4-bit weight in each pass. Fixed: a launch overhead per layer per pass unit
+    (compiled_seconds_per_layer_pass for compiled layers).
     """
     t, data = job.training, job.data
     ckpt = bool(t.gradient_checkpointing)
     tokens = t.micro_batch_size * data.seq_len
     layers = shape.num_hidden_layers
+    used = levers.resolve(job, strategy, shape)
+    attention_mfu = speed.flex_attention_mfu if used.attention == "flex_attention" else speed.attention_mfu
+    per_layer_pass = speed.compiled_seconds_per_layer_pass if used.compile else speed.seconds_per_layer_pass
     weights, attention = flops_per_token(job, shape)
     peak = job.hardware.gpu_tflops() * 1e12
-    seconds = tokens * (weights / (peak * speed.peak_mfu) + attention / (peak * speed.attention_mfu))
+    seconds = tokens * (weights / (peak * speed.peak_mfu) + attention / (peak * attention_mfu))
     saved = memory.layer_activation_bytes(job, shape, tokens, data.seq_len) * layers
-    traffic = saved * (speed.activation_moves + (1 if ckpt else 0))
+    moves = speed.compiled_activation_moves if used.compile else speed.activation_moves
+    traffic = saved * (moves + (1 if ckpt else 0))
     if job.method == "qlora":
         _, packed, _ = memory.base_weight_bytes(job, shape, "uint8")  # 2 params per byte
         traffic += (3 if ckpt else 2) * 2 * packed * speed.dequant_bytes_per_param
     seconds += traffic / speed.hbm_bytes_per_s
-    return seconds + (4 if ckpt else 3) * layers * speed.seconds_per_layer_pass
+    return seconds + (4 if ckpt else 3) * layers * per_layer_pass
 
 
 def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedModel = SPEED) -> float:
@@ -244,7 +281,7 @@ def step_seconds(job: JobSpec, strategy: str, shape: ModelShape, speed: SpeedMod
     # = grad_accum() for a valid job; a fraction for the hardware variants suggest() explores
     # (more GPUs than the global batch has sequences), where an integer would make the step free
     micro_steps = t.global_batch_size / (t.micro_batch_size * world)
-    compute = micro_steps * micro_step_seconds(job, shape, speed) + speed.seconds_per_step
+    compute = micro_steps * micro_step_seconds(job, strategy, shape, speed) + speed.seconds_per_step
 
     stage = STRATEGIES[strategy].zero_stage
     ring = (world - 1) / world if world > 1 else 0.0
@@ -305,7 +342,8 @@ def evaluate(job: JobSpec, strategy: str, shape: ModelShape) -> Candidate:
     gpu_ok = est.total <= gpu_budget(job)
     host_ok = est.cpu_bytes <= host_budget(job)
     if not gpu_ok:
-        what = "load peak" if est.load_peak > est.peak_allocated else "training peak"
+        what = max([("training peak", est.peak_allocated), ("load peak", est.load_peak), ("eval peak", est.eval_peak)],
+                   key=lambda named: named[1])[0]
         reason = f"needs {_gib(est.total)} per GPU ({what}), over the {_gib(gpu_budget(job))} usable"
     elif not host_ok:
         reason = f"needs {_gib(est.cpu_bytes)} host RAM per node, over the {_gib(host_budget(job))} usable"
@@ -313,7 +351,8 @@ def evaluate(job: JobSpec, strategy: str, shape: ModelShape) -> Candidate:
         reason = f"fits: {_gib(est.total)} of {_gib(gpu_budget(job))} per GPU"
     t = job.training
     return Candidate(strategy, est, gpu_ok and host_ok, tokens_per_second(job, strategy, shape), reason,
-                     t.micro_batch_size, t.gradient_checkpointing)  # type: ignore[arg-type]
+                     t.micro_batch_size, t.gradient_checkpointing,  # type: ignore[arg-type]
+                     levers.resolve(job, strategy, shape))
 
 
 # ---------------------------------------------------------------------------
@@ -589,9 +628,13 @@ def _candidate_json(c: Candidate) -> dict:
         "gpu_gib": _r(c.estimate.peak_allocated),
         "gpu_total_gib": _r(c.estimate.total),
         "load_gib": _r(c.estimate.load_peak),
+        "eval_gib": _r(c.estimate.eval_peak),
         "cpu_gib": _r(c.estimate.cpu_bytes),
         "nvme_gib": _r(c.estimate.nvme_bytes),
         "tokens_per_s": round(c.tokens_per_s, 1),
+        "engine": c.levers.engine,
+        "compile": c.levers.compile,
+        "attention": c.levers.attention,
         "phase": c.estimate.phase,
         "breakdown": {k: _r(v) for k, v in c.estimate.breakdown.items()},
         "reason": c.reason,
@@ -614,6 +657,11 @@ def plan_json(job: JobSpec, result: Plan) -> dict:
 
 def _knobs_text(micro_batch_size: int, gradient_checkpointing: bool) -> str:
     return f"micro batch {micro_batch_size}, checkpointing {'on' if gradient_checkpointing else 'off'}"
+
+
+def _levers_text(used: levers.Levers) -> str:
+    engine = "PlainEngine" if used.engine == "plain" else "DeepSpeed engine"
+    return f"{engine}, {'compiled' if used.compile else 'eager'} decoder layers, attention {used.attention}"
 
 
 def render_table(job: JobSpec, result: Plan) -> str:
@@ -646,6 +694,8 @@ def render_table(job: JobSpec, result: Plan) -> str:
             lines.append(row(comp, [f"{v / GIB:.1f}" for v in values]))
     lines.append(row("= peak allocated", [f"{c.estimate.peak_allocated / GIB:.1f}" for c in cands]))
     lines.append(row("load peak", [f"{c.estimate.load_peak / GIB:.1f}" for c in cands]))
+    if job.data.has_eval():
+        lines.append(row("eval peak", [f"{c.estimate.eval_peak / GIB:.1f}" for c in cands]))
     lines.append(row("total (+slack, ctx)", [f"{c.estimate.total / GIB:.1f}" for c in cands]))
     lines.append(row("host RAM per node", [f"{c.estimate.cpu_bytes / GIB:.0f}" for c in cands]))
     if any(c.estimate.nvme_bytes for c in cands):
@@ -656,6 +706,7 @@ def render_table(job: JobSpec, result: Plan) -> str:
     if result.chosen:
         lines.append(textwrap.fill(f"chosen: {result.chosen} (*). {result.reason}", 100, subsequent_indent="  "))
         chosen = next(c for c in cands if c.strategy == result.chosen)
+        lines.append(f"levers: {_levers_text(chosen.levers)}")
         if not job.knobs_resolved():
             lines.append(f"knobs: {_knobs_text(chosen.micro_batch_size, chosen.gradient_checkpointing)} "
                          f"(accumulation {t.global_batch_size // (chosen.micro_batch_size * hw.world_size)}): "

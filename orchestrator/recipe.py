@@ -36,14 +36,18 @@ import torch
 
 from orchestrator import checkpoint as C
 from orchestrator import engine as E
+from orchestrator import jit_ops
+from orchestrator import memory_cap
 from orchestrator import modeling as M
 from orchestrator import report as R
 from orchestrator import speedups as S
-from orchestrator.data import Batcher, Rows, load_tokenizer, prepare_rows
+from orchestrator.compiler import write_run_job
+from orchestrator.data import Batcher, Tokenized, load_tokenizer, mixture, prepare_data, render_data
 from orchestrator.errors import Exit, OrchError
 from orchestrator.faults import NO_FAULTS, Faults
 from orchestrator.spec import JobSpec
 from orchestrator.stop import StopRequest, signal_name
+from orchestrator.strategy import STRATEGIES
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +108,8 @@ def init_distributed(rank_info: RankInfo) -> None:
     else:
         # N processes on one CPU: split the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, rank_info.local_world_size)))
+    # Before DeepSpeed builds it itself: a lock left by a killed build would hang this run forever.
+    jit_ops.load_ops([jit_ops.SHM_COMM])
     deepspeed.init_distributed(dist_backend="nccl" if rank_info.cuda else "gloo", verbose=False)
 
 
@@ -145,11 +151,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def cap_gpu_memory(job: JobSpec, rank_info: RankInfo) -> None:
-    """Seam for the per-process GPU memory cap: when the plan's GPU (hardware.gpu /
-    gpu_memory_gb) is smaller than the physical one, cap this process to the planned size before
-    anything is allocated, so a 24 GiB plan behaves like a 24 GiB GPU on an 80 GB card. Does
-    nothing yet (the cap is helper bench16's function; it is called here, once, before the load)."""
+def cap_gpu_memory(job: JobSpec, rank_info: RankInfo) -> Optional[memory_cap.MemoryCap]:
+    """Cap this rank's CUDA allocator to the plan's GPU when the device is larger (memory_cap), once,
+    after set_device and before anything is allocated: a 24 GiB plan then runs out of memory where a
+    24 GiB GPU would."""
+    cap = memory_cap.cap_gpu_memory(job, rank_info.device)
+    if cap is not None and rank_info.is_main:
+        print(cap.line(), file=sys.stderr)
+    return cap
 
 
 # ---------------------------------------------------------------------------
@@ -168,9 +177,10 @@ def setup_tokenizer(job: JobSpec):
     return load_tokenizer(job, job.shape().vocab_size)
 
 
-def setup_data(job: JobSpec, tokenizer, rank_info: RankInfo, out: Path) -> Rows:
-    """The tokenized rows: rank 0 builds the cache, every rank reads it."""
-    return prepare_rows(job, tokenizer, out / "data_cache", rank_info.is_main, lambda: barrier(rank_info))
+def setup_data(job: JobSpec, tokenizer, rank_info: RankInfo, out: Path) -> Tokenized:
+    """The tokenized rows (training, and eval with an eval split): rank 0 builds the cache, every rank
+    reads it."""
+    return prepare_data(job, tokenizer, out / "data_cache", rank_info.is_main, lambda: barrier(rank_info))
 
 
 def count_steps(job: JobSpec, batcher: Batcher) -> int:
@@ -214,7 +224,8 @@ class TrainEngine:
     """The compiled decoder layers (training.compile), or None."""
 
 
-def setup_engine(job: JobSpec, loaded: M.LoadedModel, ds_config: dict, rank_info: RankInfo) -> TrainEngine:
+def setup_engine(job: JobSpec, strategy: str, loaded: M.LoadedModel, ds_config: dict,
+                 rank_info: RankInfo) -> TrainEngine:
     """The one place that makes the engine: DeepSpeed's (deepspeed.initialize) or PlainEngine
     (training.engine), over the chunked-loss module; then compiles the decoder layers
     (training.compile)."""
@@ -223,6 +234,8 @@ def setup_engine(job: JobSpec, loaded: M.LoadedModel, ds_config: dict, rank_info
     if kind == "plain":
         engine = E.PlainEngine(module, E.EngineConfig.from_deepspeed(ds_config))
     else:
+        # the optimizer's JIT ops, before DeepSpeed builds them itself (a stale build lock would hang it)
+        jit_ops.load_ops(jit_ops.optimizer_ops(STRATEGIES[strategy], rank_info.cuda))
         params = [p for p in module.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     compiled = None
@@ -385,6 +398,11 @@ def resume(job: JobSpec, engine: TrainEngine, root: Path, rank_info: RankInfo) -
 # train
 
 
+def trained_mixture(run: Run, steps: int) -> list:
+    """Tokens, loss tokens and examples per training source over the first ``steps`` steps (data.SourceShare)."""
+    return mixture(run.job.data.train_sources(), run.batcher.source_counts(steps))
+
+
 def micro_batch(run: Run, step: int, micro: int) -> dict[str, torch.Tensor]:
     arrays = run.batcher.micro_batch_arrays(step, micro, run.rank_info.rank)
     return {k: torch.from_numpy(v).to(run.rank_info.device, non_blocking=True) for k, v in arrays.items()}
@@ -449,8 +467,10 @@ def train(run: Run, state: LoopState, stop: StopRequest) -> LoopState:
                 state = replace(state, last_loss=acc.item() / (ga * world),
                                 tokens_per_s=window_tokens / max(now - window_start, 1e-9))
                 lr = engine.get_lr()[0] if engine.get_lr() else None
+                shares = trained_mixture(run, state.step)
                 run.log.log(R.StepRecord(step=state.step, rank=rank_info.rank, loss=state.last_loss, lr=lr,
-                                         tokens_per_s=state.tokens_per_s, **memory_now(rank_info), time=time.time()))
+                                         tokens_per_s=state.tokens_per_s, **memory_now(rank_info), time=time.time(),
+                                         source_tokens={share.name: share.tokens for share in shares}))
                 window_tokens, window_start = 0, time.time()
                 if bar is not None:
                     bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{state.tokens_per_s:.0f}", refresh=False)
@@ -509,39 +529,6 @@ def save_adapter(run: Run) -> None:
     barrier(run.rank_info)
 
 
-def export_hf_model(run: Run) -> Optional[Path]:
-    """Full finetune -> a Hugging Face model folder ``<output_dir>/hf_model`` (model.dtype weights).
-
-    Under ZeRO-3 the parameters are gathered one at a time onto rank 0's CPU,
-    so the GPU never holds more than one whole parameter; rank 0 needs the
-    whole model in host RAM.
-    """
-    is_main = run.rank_info.is_main
-    if run.job.method != "full":
-        if is_main:
-            print("orch: --export-hf is for method full; LoRA adapters are in adapter/ (PEFT format)", file=sys.stderr)
-        return None
-    base = run.loaded.base
-    state = {}
-    for name, p in base.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-            if is_main:
-                state[name] = p.detach().to("cpu", copy=True)
-    target = run.out / "hf_model"
-    if is_main:
-        tmp = run.out / "hf_model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        base.config.use_cache = True  # for inference; training turned it off
-        base.save_pretrained(str(tmp), state_dict=state)
-        base.config.use_cache = False
-        run.tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        print(f"orch: exported {target}", file=sys.stderr)
-    barrier(run.rank_info)
-    return target
-
-
 # ---------------------------------------------------------------------------
 # report
 
@@ -558,8 +545,9 @@ def report(run: Run, state: LoopState, memory: R.RankMemory, load_seconds: float
     summary = None
     if rank_info.is_main:
         summary = R.summarize(run.job, run.strategy, state.step, run.engine.kind, state.compiled_variants,
-                              state.last_loss, state.tokens_per_s, rank_info.device.type, load_seconds,
-                              [R.RankMemory(**r) for r in per_rank], R.predict(run.job, run.strategy))
+                              run.loaded.attention, state.last_loss, state.tokens_per_s, rank_info.device.type,
+                              load_seconds, [R.RankMemory(**r) for r in per_rank], R.predict(run.job, run.strategy),
+                              trained_mixture(run, state.step))
         R.write_summary(run.out / "summary.json", summary)
         try:
             R.plot_memory(run.log.path, run.out / "memory.png", summary)
@@ -576,28 +564,32 @@ def report(run: Run, state: LoopState, memory: R.RankMemory, load_seconds: float
 
 
 def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, ds_config_path: Optional[str] = None,
-           resume_run: bool = False, export_hf: bool = False, faults: Faults = NO_FAULTS) -> Optional[R.RunSummary]:
+           resume_run: bool = False, faults: Faults = NO_FAULTS) -> Optional[R.RunSummary]:
     """setup -> train -> save -> report, on this rank. ``stop``: set by a stop signal (installed by
     the caller before anything else); ``ds_config_path``: a compiled DeepSpeed JSON (None builds it
-    from the job); ``resume_run``: continue from the latest complete checkpoint; ``export_hf``: method
-    full, also write <output_dir>/hf_model; ``faults``: test seams. Returns the summary (rank 0; None
-    on the others, and when there was nothing to train). Raises OrchError(Exit.REQUEUE) after the
-    checkpoint of a stop signal."""
+    from the job); ``resume_run``: continue from the latest complete checkpoint; ``faults``: test
+    seams. Returns the summary (rank 0; None on the others, and when there was nothing to train).
+    Raises OrchError(Exit.REQUEUE) after the checkpoint of a stop signal."""
     init_distributed(rank_info)
     check_world_size(job, rank_info)
     out = setup_output_dir(job, rank_info)
     seed_everything(job.training.seed)
 
     tokenizer = setup_tokenizer(job)
-    rows = setup_data(job, tokenizer, rank_info, out)
-    batcher = Batcher(rows, job.training.seed, job.training.micro_batch_size, job.grad_accum(), rank_info.world_size)
+    data = setup_data(job, tokenizer, rank_info, out)
+    batcher = Batcher(data.train, job.training.seed, job.training.micro_batch_size, job.grad_accum(),
+                      rank_info.world_size)
     total_steps = count_steps(job, batcher)
-    if resume_run and not export_hf:
+    if resume_run:
         done = finished(out, total_steps)
         if done is not None:  # leave it as it is: nothing to train, nothing to rewrite
             if rank_info.is_main:
                 print(f"orch: {out} is already finished ({done}); nothing to do", file=sys.stderr)
             return None
+    if rank_info.is_main:
+        write_run_job(job, strategy)  # <output_dir>/job.yaml: what `orch export RUN_DIR` reads
+        for line in render_data(job, data, batcher, total_steps):
+            print(f"orch: {line}", file=sys.stderr)
     ds_config = setup_ds_config(job, strategy, ds_config_path, total_steps)
 
     cap_gpu_memory(job, rank_info)
@@ -607,23 +599,21 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     loaded = setup_model(job, strategy, rank_info, ds_config)
     load_seconds = time.time() - started
     built = param_bytes(loaded.model)
-    engine = setup_engine(job, loaded, ds_config, rank_info)
+    engine = setup_engine(job, strategy, loaded, ds_config, rank_info)
     load = measure_load(engine, rank_info)
 
     start = resume(job, engine, out / "checkpoints", rank_info) if resume_run else LoopState()
     log = R.setup_logging(job, strategy, out, rank_info.is_main, rank_info.world_size, resume_run)
     run = Run(job=job, strategy=strategy, rank_info=rank_info, out=out, tokenizer=tokenizer, batcher=batcher,
               total_steps=total_steps, loaded=loaded, engine=engine, log=log, faults=faults)
+    if rank_info.is_main:
+        R.write_run_info(job, strategy, out, rank_info.world_size, total_steps, start.step)
 
     state = train(run, start, stop)
     if state.stopped:
         by = signal_name(stop.signum) if stop.requested else "a stop signal to another rank"
         raise OrchError(f"stopped by {by} at step {state.step}; checkpoint written, continue with --resume",
                         Exit.REQUEUE)
-    if state.saved_step != state.step:  # not when resumed from the final checkpoint (e.g. only to export)
+    if state.saved_step != state.step:  # not when resumed from the final checkpoint
         state = save_checkpoint(run, state)
-    if export_hf:
-        export_hf_model(run)
-    if state.step == start.step:  # resumed at the last step only to export: the run's summary stays
-        return None
     return report(run, state, rank_memory(rank_info, built, load), load_seconds)

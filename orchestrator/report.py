@@ -14,10 +14,13 @@ import secrets
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from orchestrator.catalog import GIB
 from orchestrator.spec import JobSpec
+
+if TYPE_CHECKING:
+    from orchestrator.data import SourceShare
 
 
 # ---------------------------------------------------------------------------
@@ -76,6 +79,8 @@ class StepRecord:
     """Resident set size of the process."""
     time: float
     """Unix time of the record."""
+    source_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens trained so far per training source (data.SourceShare.tokens, by source name)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ class RunSummary:
     """'deepspeed' or 'plain' (training.engine as resolved)."""
     compiled_variants: Optional[int]
     """Compiled graphs of the decoder layers after the first step (None: training.compile off)."""
+    attention: str
+    """The attention kernel the model ran (modeling.LoadedModel.attention)."""
     final_loss: Optional[float]
     """Loss of the last logged step (None when this process trained no step)."""
     tokens_per_s: Optional[float]
@@ -132,14 +139,16 @@ class RunSummary:
     predicted_load_peak_bytes: Optional[int] = None
     error_pct: Optional[float] = None
     """(measured - predicted) / predicted training peak, in percent (None on CPU)."""
+    mixture: list["SourceShare"] = field(default_factory=list)
+    """Per training source: what the steps trained took from it (data.mixture)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def summarize(job: JobSpec, strategy: str, steps: int, engine: str, compiled_variants: Optional[int],
+def summarize(job: JobSpec, strategy: str, steps: int, engine: str, compiled_variants: Optional[int], attention: str,
               final_loss: Optional[float], tokens_per_s: Optional[float], device: str, load_seconds: float,
-              per_rank: list[RankMemory], prediction: Prediction) -> RunSummary:
+              per_rank: list[RankMemory], prediction: Prediction, mixture: list["SourceShare"]) -> RunSummary:
     """The summary of a run from what was measured on every rank and orch's prediction."""
 
     def top(key: str) -> Optional[int]:
@@ -152,10 +161,22 @@ def summarize(job: JobSpec, strategy: str, steps: int, engine: str, compiled_var
         error = round(100.0 * (peak - prediction.peak_allocated) / prediction.peak_allocated, 2)
     return RunSummary(
         job=job.name, strategy=strategy, world_size=len(per_rank), steps=steps, engine=engine,
-        compiled_variants=compiled_variants, final_loss=final_loss, tokens_per_s=tokens_per_s, device=device,
+        compiled_variants=compiled_variants, attention=attention, final_loss=final_loss, tokens_per_s=tokens_per_s, device=device,
         load_peak_bytes=top("load_peak_allocated"), peak_allocated_bytes=peak, cpu_rss_peak_bytes=top("cpu_rss_peak"),
         load_seconds=round(load_seconds, 3), per_rank=per_rank, predicted_peak_bytes=prediction.peak_allocated,
-        predicted_load_peak_bytes=prediction.load_peak, error_pct=error)
+        predicted_load_peak_bytes=prediction.load_peak, error_pct=error, mixture=mixture)
+
+
+def write_run_info(job: JobSpec, strategy: str, out: Path, world_size: int, total_steps: int, start_step: int) -> None:
+    """``<output_dir>/run.json`` (progress.RunInfo, what `orch status` reads) as training starts or resumes."""
+    import time
+
+    from orchestrator.memory import estimate
+    from orchestrator.progress import RunInfo
+
+    est = estimate(job, strategy)
+    RunInfo(job.name, strategy, world_size, total_steps, start_step, time.time(), est.peak_allocated,
+            est.eval_peak).write(out)
 
 
 def _gib(n: Optional[int], missing: str = "n/a") -> str:
@@ -214,15 +235,18 @@ class MetricsLog:
         row = asdict(record)
         with open(self.path, "a") as f:  # one short line per write: appends from ranks do not interleave
             f.write(json.dumps(row) + "\n")
-        self._wandb(f"log of step {record.step}", lambda run: run.log(
-            {k: v for k, v in row.items() if k not in ("rank", "time") and v is not None}, step=record.step))
+        flat = {k: v for k, v in row.items() if k not in ("rank", "time", "source_tokens") and v is not None}
+        flat.update({f"source_tokens/{name}": tokens for name, tokens in record.source_tokens.items()})
+        self._wandb(f"log of step {record.step}", lambda run: run.log(flat, step=record.step))
 
     def finish(self, summary: RunSummary) -> None:
         """Put the summary into the wandb run and close it."""
         data = summary.to_json()
 
         def put(run) -> None:
-            run.summary.update({k: v for k, v in data.items() if k != "per_rank"})
+            run.summary.update({k: v for k, v in data.items() if k not in ("per_rank", "mixture")})
+            for share in data["mixture"]:
+                run.summary.update({f"mixture/{share['name']}/{k}": v for k, v in share.items() if k != "name"})
             for r in data["per_rank"]:
                 run.summary.update({f"rank{r['rank']}/{k}": v for k, v in r.items() if k != "rank"})
             run.finish()

@@ -94,9 +94,10 @@ class ModelSpec(_Section):
         "with random weights, orch builds a byte-level tokenizer so nothing is downloaded.",
     )
     dtype: Dtype = Field("bf16", description="Dtype of trainable and non-quantized weights and of mixed-precision compute.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16. "
-        "Gemma-2 needs eager or flash_attention_2 (transformers' sdpa has no attention soft-capping). "
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
+        "auto", description="Attention kernel. auto: flex_attention on a GPU when rows are packed (head_dim up to "
+        "128); otherwise, and on the CPU, sdpa (eager for Gemma-2). flash_attention_2 needs the flash-attn package and "
+        "bf16/fp16. Gemma-2 cannot run sdpa (transformers' sdpa has no attention soft-capping). "
         "flex_attention (GPU only) keeps packed examples apart with a block-sparse mask instead of sdpa's dense "
         "micro_batch x seq_len^2 one.",
     )
@@ -167,23 +168,134 @@ class QuantizationSpec(_Section):
         return self.compute_dtype if sharded else "uint8"
 
 
+DataFormat = Literal["text", "alpaca", "chat"]
+
+
+def _data_path(p: str) -> str:
+    if not p.strip():
+        raise ValueError("a path must not be empty")
+    return _one_line(p, "a path")
+
+
+class SourceSpec(_Section):
+    path: str = Field(description="A JSONL / JSON or Parquet file, or a folder saved with datasets' save_to_disk.")
+    format: Optional[DataFormat] = Field(None, description="This source's format (text, alpaca or chat); default: data.format.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _data_path(v)
+
+
+class WeightedSourceSpec(SourceSpec):
+    weight: float = Field(
+        1.0, gt=0, le=1_000_000,
+        description="This source's share of the examples of every epoch, relative to the other sources' weights. "
+        "An epoch has as many examples N as all training sources together (after data.eval_fraction); source i gets "
+        "N x weight_i / sum of weights of them, rounded down, the examples left over going one each to the largest "
+        "remainders. It gives them as whole passes over its examples, then the rest drawn without replacement by "
+        "training.seed: a source smaller than its share repeats, a larger one is subsampled (the draw is made once "
+        "and used in every epoch). The share is of examples, not tokens: summary.json reports the tokens.")
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file (or save_to_disk folder) of a source, with the spec key that names it."""
+
+    path: str
+    """The path as the spec gives it."""
+    key: tuple
+    """Its spec key path, for errors and YAML lines: ('data', 'paths', 2) or ('data', 'sources', 1, 'path')."""
+
+    @property
+    def field(self) -> str:
+        return ".".join(map(str, self.key))
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of examples as the trainer reads it: files in one format with a mixing weight."""
+
+    files: tuple[DataFile, ...]
+    """Its files, read one after the other (data.paths is one source of all its files)."""
+    format: str
+    """'text', 'alpaca' or 'chat'."""
+    format_key: tuple
+    """The spec key that sets the format: ('data', 'format'), or ('data', 'sources', i, 'format')."""
+    weight: float
+    """Mixing weight (1 for data.paths and for eval sources)."""
+
+    @property
+    def format_field(self) -> str:
+        return ".".join(map(str, self.format_key))
+
+    @property
+    def label(self) -> str:
+        """How reports name it: the file name (the first one's, with a count when data.paths has several)."""
+        first = Path(self.files[0].path).name or self.files[0].path
+        return first if len(self.files) == 1 else f"{first} (+{len(self.files) - 1} files)"
+
+
 class DataSpec(_Section):
-    paths: list[str] = Field(min_length=1, description="Local JSONL or Parquet files, or folders saved with datasets' save_to_disk.")
-    format: Literal["text", "alpaca", "chat"] = Field(
-        "text", description="'text': a `text` field; 'alpaca': instruction/input/output; 'chat': a `messages` list of {role, content}."
-    )
+    paths: Optional[Annotated[list[str], Field(min_length=1)]] = Field(
+        None, description="Local JSONL or Parquet files, or folders saved with datasets' save_to_disk: one source of "
+        "examples in data.format, each example once per epoch. Give paths or sources.")
+    sources: Optional[Annotated[list[WeightedSourceSpec], Field(min_length=1)]] = Field(
+        None, description="Several sources mixed by weight, each {path, format, weight}: "
+        "[{path: a.jsonl, weight: 3}, {path: b.parquet, format: chat}]. Sampled by training.seed before packing; the "
+        "trainer prints and records (summary.json, metrics.jsonl) the tokens each source gave. Give paths or sources.")
+    format: DataFormat = Field(
+        "text", description="'text': a `text` field; 'alpaca': instruction/input/output; 'chat': a `messages` list of "
+        "{role, content}. The format of data.paths and data.eval_paths, and of each source that sets none.")
+    eval_paths: Optional[Annotated[list[str], Field(min_length=1)]] = Field(
+        None, description="Files of the eval split (in data.format), each example evaluated once. At most one of "
+        "eval_paths, eval_sources, eval_fraction.")
+    eval_sources: Optional[Annotated[list[SourceSpec], Field(min_length=1)]] = Field(
+        None, description="The eval split as sources {path, format}, each example evaluated once (no weights: the "
+        "eval loss is over every eval example).")
+    eval_fraction: Optional[float] = Field(
+        None, gt=0, lt=0.5, description="Hold out this fraction of each training source's examples as the eval "
+        "split: floor(fraction x examples) per source, chosen by training.seed before packing, so train and eval "
+        "never share an example.")
     seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per sequence.")
     packing: bool = Field(True, description="Pack several examples into each sequence (no padding waste); attention does not cross example borders where the kernel supports it.")
     mask_prompt: bool = Field(True, description="Leave prompt tokens out of the loss (alpaca and chat formats).")
 
-    @field_validator("paths")
+    @field_validator("paths", "eval_paths")
     @classmethod
-    def _paths(cls, v: list[str]) -> list[str]:
-        for p in v:
-            if not p.strip():
-                raise ValueError("a path must not be empty")
-            _one_line(p, "a path")
+    def _paths(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for p in v or []:
+            _data_path(p)
         return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DataSpec":
+        if (self.paths is None) == (self.sources is None):
+            raise ValueError("data.paths: give exactly one of data.paths (one source) or data.sources (a weighted mix)")
+        given = [name for name in ("eval_paths", "eval_sources", "eval_fraction") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"data.{given[1]}: give at most one of data.eval_paths, data.eval_sources or data.eval_fraction")
+        return self
+
+    def train_sources(self) -> list[DataSource]:
+        """The training sources: data.paths as one source, or one per data.sources item."""
+        if self.paths is not None:
+            files = tuple(DataFile(p, ("data", "paths", i)) for i, p in enumerate(self.paths))
+            return [DataSource(files, self.format, ("data", "format"), 1.0)]
+        return [DataSource((DataFile(s.path, ("data", "sources", i, "path")),), s.format or self.format,
+                           ("data", "sources", i, "format"), s.weight) for i, s in enumerate(self.sources or [])]
+
+    def eval_split_sources(self) -> list[DataSource]:
+        """The sources of an eval split read from files (eval_paths / eval_sources); [] otherwise."""
+        if self.eval_paths is not None:
+            files = tuple(DataFile(p, ("data", "eval_paths", i)) for i, p in enumerate(self.eval_paths))
+            return [DataSource(files, self.format, ("data", "format"), 1.0)]
+        return [DataSource((DataFile(s.path, ("data", "eval_sources", i, "path")),), s.format or self.format,
+                           ("data", "eval_sources", i, "format"), 1.0) for i, s in enumerate(self.eval_sources or [])]
+
+    def has_eval(self) -> bool:
+        """True when the job has an eval split."""
+        return self.eval_fraction is not None or bool(self.eval_split_sources())
 
 
 class TrainingSpec(_Section):
@@ -214,6 +326,16 @@ class TrainingSpec(_Section):
         "for the whole vocabulary exist for one chunk only; 0 computes all logits at once (more memory).",
     )
     save_every: int = Field(0, ge=0, le=MAX_COUNT, description="Checkpoint every N optimizer steps (0: only at the end).")
+    eval_every: int = Field(
+        0, ge=0, le=MAX_COUNT, description="Evaluate on the eval split (data.eval_paths, eval_sources or eval_fraction) "
+        "every N optimizer steps; 0: only at the end. The eval loss is the sum of token losses over the whole split "
+        "divided by its loss tokens, the same for any number of GPUs.")
+    eval_micro_batch_size: Optional[int] = Field(
+        None, ge=1, le=65536, description="Sequences per GPU per eval forward pass (no gradients, so it can be larger "
+        "than micro_batch_size); default: micro_batch_size. The planner fits the larger of the training and eval peaks.")
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=0, le=MAX_COUNT, description="Stop after this many evals in a row without a lower eval loss (needs "
+        "eval_every > 0); 0 or unset: never stop early.")
     compile: Union[Literal["auto"], bool] = Field(
         "auto", description="torch.compile each decoder layer (one compiled graph shared by all layers): faster steps "
         "after a compile of about a minute at the start. auto: on for CUDA GPUs, off on the CPU.",
@@ -489,6 +611,7 @@ class JobSpec(_Section):
                 f"training.global_batch_size: {self.training.global_batch_size} must be a multiple of "
                 f"micro_batch_size x GPUs = {micro} x {world} = {micro * world}"
             )
+        self._check_eval()
         if self.strategy == "single_gpu" and world != 1:
             raise ValueError(f"strategy: single_gpu needs exactly 1 GPU, but hardware gives {world}")
         if self.strategy != "auto" and STRATEGIES[self.strategy].needs_nvme and not self.hardware.nvme_path:
@@ -504,6 +627,17 @@ class JobSpec(_Section):
                 raise ValueError(f"training.engine: plain runs strategy single_gpu on 1 GPU only (here strategy "
                                  f"{self.strategy} on {world}); use auto or deepspeed")
         return self
+
+    def _check_eval(self) -> None:
+        """Eval settings need an eval split, and early stopping needs evals to compare."""
+        t = self.training
+        for name in ("eval_every", "eval_micro_batch_size", "early_stopping_patience"):
+            if getattr(t, name) and not self.data.has_eval():
+                raise ValueError(f"training.{name}: there is no eval split; set data.eval_paths, data.eval_sources "
+                                 "or data.eval_fraction")
+        if t.early_stopping_patience and not t.eval_every:
+            raise ValueError("training.early_stopping_patience: needs training.eval_every > 0 (with evals only at the "
+                             "end there is nothing to stop early)")
 
     def _check_bf16(self) -> None:
         """A GPU without bf16 (V100) gets no bf16 dtype: its kernels would fail or emulate it slowly."""
@@ -530,6 +664,14 @@ class JobSpec(_Section):
         if self.training.micro_batch_size == "auto":
             raise ValueError("grad_accum of a job whose micro_batch_size is still auto: resolve it first (planner.resolve)")
         return self.training.global_batch_size // (self.training.micro_batch_size * self.hardware.world_size)
+
+    def eval_micro_batch(self) -> int:
+        """Sequences per GPU per eval forward: training.eval_micro_batch_size, else the training micro batch."""
+        if self.training.eval_micro_batch_size is not None:
+            return self.training.eval_micro_batch_size
+        if self.training.micro_batch_size == "auto":
+            raise ValueError("eval_micro_batch of a job whose micro_batch_size is still auto: resolve it first (planner.resolve)")
+        return self.training.micro_batch_size
 
     def output_dir(self) -> Path:
         return Path(self.training.output_dir.replace("{name}", self.slug()))
@@ -885,15 +1027,32 @@ def _merge_union_errors(errors: list[dict], data: Any) -> list[dict]:
     return merged
 
 
+def _section_type(ann: Any) -> tuple[Optional[type[BaseModel]], bool]:
+    """(the section model a field holds, whether as list items): ``X``, ``Optional[X]``, ``list[X]``,
+    ``Optional[Annotated[list[X], ...]]`` all give X."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)]
+    if getattr(ann, "__metadata__", None) is not None or (len(args) == 1 and getattr(ann, "__origin__", None) is Union):
+        return _section_type(args[0]) if args else (None, False)
+    if getattr(ann, "__origin__", None) is list and args:
+        return _section_type(args[0])[0], True
+    return None, False
+
+
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     model: type[BaseModel] = JobSpec
+    in_list = False
     for part in loc:
+        if in_list and isinstance(part, int):
+            in_list = False  # the item of a list of sections
+            continue
         field_info = model.model_fields.get(str(part))
-        ann = getattr(field_info, "annotation", None) if field_info else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        found, in_list = _section_type(getattr(field_info, "annotation", None) if field_info else None)
+        if found is None:
             return None
-        model = ann
-    return model
+        model = found
+    return None if in_list else model
 
 
 MAX_PROBLEMS = 20
@@ -934,25 +1093,12 @@ def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Opt
         return f"{label}:{line}" if line else label
 
     problems = []
-    for i, p in enumerate(job.data.paths):
-        path = Path(p)
-        where = at("data", "paths", i)
-        if not path.exists():
-            problems.append(f"{where}: data.paths.{i}: {p!r} does not exist")
-            continue
-        if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
-            problems.append(f"{where}: data.paths.{i}: {p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)")
-            continue
-        if path.is_file():
-            try:
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                problems.append(f"{where}: data.paths.{i}: cannot read {p!r} ({exc.strerror})")
-                continue
-        found = datacheck.check_data_path(i, p, job.data.format)
-        if found is not None:
-            problems.append(f"{at(*found.key)}: {found.field}: {found.message}")
+    for source in job.data.train_sources() + job.data.eval_split_sources():
+        for file in source.files:
+            problem = _data_file_problem(file, source)
+            if problem is not None:
+                key, message = problem
+                problems.append(f"{at(*key)}: {'.'.join(map(str, key))}: {message}")
     problems += _model_problems(job, for_training, at)
     if job.model.tokenizer is not None and not Path(job.model.tokenizer).is_dir():
         problems.append(f"{at('model', 'tokenizer')}: model.tokenizer: {job.model.tokenizer!r} is not a folder")
@@ -961,6 +1107,24 @@ def check_files(job: JobSpec, label: str, for_training: bool = False, lines: Opt
         problems.append(f"{at('lora', 'target_modules')}: lora.target_modules: {unknown_targets}")
     if problems:
         raise SpecError(problems)
+
+
+def _data_file_problem(file: DataFile, source: DataSource) -> Optional[tuple[tuple, str]]:
+    """(spec key to name, message) of the first problem of one data file, or None: it exists, has a data
+    suffix, can be opened, and its first rows fit the source's format (datacheck)."""
+    path, p = Path(file.path), file.path
+    if not path.exists():
+        return file.key, f"{p!r} does not exist"
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+        return file.key, f"{p!r} is not .jsonl, .json or .parquet (or a save_to_disk folder)"
+    if path.is_file():
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            return file.key, f"cannot read {p!r} ({exc.strerror})"
+    found = datacheck.check_data_path(p, source.format, file.key, source.format_key)
+    return None if found is None else (found.key, found.message)
 
 
 def _unknown_lora_targets(job: JobSpec) -> str:

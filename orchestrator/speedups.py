@@ -112,6 +112,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from orchestrator import levers
 from orchestrator.errors import Exit, OrchError
 
 RECOMPILE_LIMIT = 8
@@ -125,16 +126,9 @@ class CompileError(OrchError):
 
 
 def compile_wanted(setting: Union[str, bool], device: torch.device, zero_stage: int) -> bool:
-    """``training.compile`` resolved: auto compiles on CUDA, unless ZeRO-3 partitions the parameters.
-
-    Under ZeRO-3 DeepSpeed gathers each linear layer's weight in hooks that run
-    inside the decoder layer; they would break the fullgraph trace (believed from
-    DeepSpeed marking its gather code ``torch.compiler.disable``; not run here),
-    so auto leaves compilation off there and ``true`` tries it.
-    """
-    if setting == "auto":
-        return device.type == "cuda" and zero_stage < 3
-    return bool(setting)
+    """``training.compile`` resolved for ``device`` (``levers.compile_wanted``: auto compiles on CUDA
+    unless ZeRO-3 partitions the parameters; the planner's memory and speed models use the same rule)."""
+    return levers.compile_wanted(setting, device.type == "cuda", zero_stage)
 
 
 @dataclass(frozen=True)

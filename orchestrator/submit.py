@@ -1,5 +1,9 @@
 """`orch submit` / `status` / `cancel` / `logs`: hand compiled jobs to Slurm, or run them here.
 
+* ``orch status [JOBID | RUN_DIR]``: Slurm's state of a job and its run's progress (step / total,
+  loss, eval loss, tokens/s, ETA, measured vs predicted peak; orchestrator/progress.py), found
+  through the batch script orch wrote; a run folder alone for --local runs.
+
 * ``orch submit JOB``: compile, create the log folder, ``sbatch --parsable``;
   prints the Slurm job id and the log path.
 * ``--dry-run``: compile in memory and print the plan summary and the script;
@@ -20,6 +24,8 @@ launcher inherits it.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -155,13 +161,54 @@ def run_local(compiled: Compiled, options: SubmitOptions) -> int:
     return Exit.OK
 
 
-def status(job_id: Optional[str]) -> int:
-    """`squeue` for one job, or for all of this user's."""
-    fmt = "%.18i %.9P %.40j %.8T %.10M %.6D %R"
-    argv = ["squeue", "-o", fmt]
-    argv += ["-j", job_id] if job_id else ["-u", os.environ.get("USER") or str(os.getuid())]
-    print(_run_slurm(argv), end="")
+def status(target: Optional[str]) -> int:
+    """`squeue` of all this user's jobs; for a Slurm job id its state and its run's progress; for a run
+    folder (a --local run, or a job Slurm has forgotten) the progress alone (orchestrator/progress.py)."""
+    from orchestrator import progress as P
+
+    if target is None:
+        fmt = "%.18i %.9P %.40j %.8T %.10M %.6D %R"
+        print(_run_slurm(["squeue", "-o", fmt, "-u", os.environ.get("USER") or str(os.getuid())]), end="")
+        return Exit.OK
+    if Path(target).is_dir():
+        print(P.render_progress(P.read_progress(Path(target))))
+        return Exit.OK
+    if not re.fullmatch(r"\d+(_\d+)?", target):
+        raise OrchError(f"{target!r} is neither a run folder nor a Slurm job id", Exit.BAD_SPEC)
+    try:
+        fields = _job_fields(target)
+    except OrchError as exc:
+        raise OrchError(f"job {target}: Slurm does not know it ({exc}); for a finished job give its run folder: "
+                        "orch status RUN_DIR", exc.code) from None
+    print(f"job {target} {fields.get('JobName', '?')}: {fields.get('JobState', '?')}, run time "
+          f"{fields.get('RunTime', '?')} on {fields.get('NumNodes', '?')} node(s)")
+    print(P.render_progress(P.read_progress(run_dir_of_job(target, fields))))
     return Exit.OK
+
+
+def run_dir_of_job(job_id: str, fields: dict[str, str]) -> Path:
+    """The output folder of a job orch submitted: the batch script (Slurm's Command) exports
+    ORCH_JOB_YAML, the compiled job, whose training.output_dir is the run folder. Relative paths
+    (`orch compile --portable`) are relative to the job's WorkDir."""
+    from orchestrator.spec import SpecError, load_job
+
+    workdir = Path(fields.get("WorkDir") or ".")
+    script = workdir / fields.get("Command", "")
+    try:
+        text = script.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OrchError(f"job {job_id}: cannot read its batch script {script} ({exc}); give the run folder: "
+                        "orch status RUN_DIR", Exit.BAD_SPEC) from None
+    line = next((x for x in text.splitlines() if x.startswith("export ORCH_JOB_YAML=")), None)
+    if line is None:
+        raise OrchError(f"job {job_id}: {script} was not written by orch (no ORCH_JOB_YAML line); give the run folder: "
+                        "orch status RUN_DIR", Exit.BAD_SPEC)
+    job_yaml = workdir / shlex.split(line.removeprefix("export "))[0].partition("=")[2]
+    try:
+        job = load_job(job_yaml, check_paths=False)
+    except SpecError as exc:
+        raise OrchError(f"job {job_id}: its compiled job cannot be read: {exc.problems[0]}", Exit.BAD_SPEC) from None
+    return workdir / job.output_dir()
 
 
 def cancel(job_id: str) -> int:
@@ -171,19 +218,27 @@ def cancel(job_id: str) -> int:
     return Exit.OK
 
 
-def _job_field(job_id: str, field: str) -> str | None:
-    """A field of `scontrol show job`. Path fields (StdOut) sit alone on their
+def _job_fields(job_id: str) -> dict[str, str]:
+    """The fields of `scontrol show job`. Path fields (StdOut, Command, ...) sit alone on their
     line, so a path with spaces is read whole; other fields are space-separated."""
     out = _run_slurm(["scontrol", "show", "job", job_id])
+    fields: dict[str, str] = {}
     for line in out.splitlines():
         line = line.strip()
-        if line.startswith(field + "=") and field in ("StdOut", "StdErr", "Command", "WorkDir"):
-            return line[len(field) + 1:]
+        name = line.partition("=")[0]
+        if name in ("StdOut", "StdErr", "Command", "WorkDir"):
+            fields[name] = line[len(name) + 1:]
+            continue
         for token in line.split():
             key, sep, value = token.partition("=")
-            if sep and key == field:
-                return value
-    return None
+            if sep:
+                fields.setdefault(key, value)
+    return fields
+
+
+def _job_field(job_id: str, field: str) -> str | None:
+    """One field of `scontrol show job`."""
+    return _job_fields(job_id).get(field)
 
 
 def logs(job_id: str, follow: bool = False) -> int:

@@ -42,22 +42,17 @@ class TrainOptions:
     """Continue the run in the output dir from its latest complete checkpoint."""
     restart: bool = False
     """Move the run in the output dir aside (into its previous/ folder) and train from step 0."""
-    export_hf: bool = False
-    """method full: also write <output_dir>/hf_model at the end (after the last step: only that)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainOptions":
         return cls(job=args.job, overrides=tuple(args.overrides), ds_config=args.ds_config, resume=args.resume,
-                   restart=args.restart, export_hf=args.export_hf)
+                   restart=args.restart)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The trainer's flags (all but the job file, which `orch train` takes as its first argument and
     the launched module as ``--job``)."""
     p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
-    p.add_argument("--export-hf", action="store_true",
-                   help="method full: also write <output_dir>/hf_model (a Hugging Face model folder) at the end; "
-                        "with --resume after the last step, only exports")
     add_run_folder_arguments(p)
     # launchers that follow DeepSpeed's convention append --local_rank=N; LOCAL_RANK says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -128,7 +123,7 @@ def run(options: TrainOptions, faults: Faults = NO_FAULTS) -> int:
         if moved is not None:
             print(f"orch: --restart: moved the previous run to {moved}", file=sys.stderr)
     try:
-        recipe.recipe(job, strategy, rank_info, stop, options.ds_config, options.resume, options.export_hf, faults)
+        recipe.recipe(job, strategy, rank_info, stop, options.ds_config, options.resume, faults)
         return Exit.OK
     except OrchError as exc:
         if exc.code == Exit.REQUEUE:  # a stop signal, answered: not an error

@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
         os.environ[var] = value
+    from orchestrator import jit_ops
+
+    jit_ops.load_ops([jit_ops.SHM_COMM])  # past a lock a killed build left (see jit_ops)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     job = load_job(args.job, for_training=True)
     engine = deepspeed_engine(job, args.neutralize_init_step)

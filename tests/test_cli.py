@@ -257,7 +257,8 @@ def _subcommands() -> dict:
 
 def test_every_subcommand_help_has_an_example() -> None:
     subs = _subcommands()
-    assert {"validate", "schema", "models", "gpus", "plan", "compile", "submit", "train", "status", "cancel", "logs"} <= set(subs)
+    assert {"validate", "schema", "models", "gpus", "plan", "compile", "submit", "train", "export", "status", "cancel",
+            "logs"} <= set(subs)
     for name, sub in subs.items():
         text = sub.format_help()
         lines = text.splitlines()
@@ -346,7 +347,10 @@ def test_overrides_mix_with_options_on_every_command_that_takes_them() -> None:
     with_overrides = {name: sub for name, sub in _subcommands().items() if any(a.dest == "overrides" for a in sub._actions)}
     assert set(with_overrides) == {"validate", "plan", "compile", "submit", "train"}
     for name, sub in with_overrides.items():
-        flags = [a.option_strings[-1] for a in sub._actions if a.option_strings and a.nargs == 0 and a.dest != "help"]
+        # one flag of each mutually exclusive group (--resume | --restart)
+        exclusive = [a for g in sub._mutually_exclusive_groups for a in g._group_actions[1:]]
+        flags = [a.option_strings[-1] for a in sub._actions
+                 if a.option_strings and a.nargs == 0 and a.dest != "help" and a not in exclusive]
         argv = [name, "a.b=1", *flags[:1], "c.d=2", *flags[1:2], "e.f=3"]
         argv.insert(1, "jobs/tiny.yaml")
         args = cli.parse_args(parser, argv)
@@ -430,9 +434,11 @@ def help_examples() -> list[str]:
 
 
 # Examples that are checked for argument validity and for their files, not run: `orch train` trains in
-# this process for a minute (tests/test_train_runs.py runs the trainer), and status/cancel/logs need a
-# Slurm cluster and a job id (tests/test_slurm_cli.py runs them against the local cluster).
-NOT_RUN = ("orch train ", "orch status", "orch cancel ", "orch logs ")
+# this process for a minute (tests/test_train_runs.py runs the trainer), status/cancel/logs need a
+# Slurm cluster and a job id (tests/test_slurm_cli.py runs them against the local cluster), and
+# `orch export` needs the run folder that the `orch submit ... --local` example trains
+# (tests/test_export.py exports real runs).
+NOT_RUN = ("orch train ", "orch status", "orch cancel ", "orch logs ", "orch export ")
 
 
 def test_help_examples_run_as_written_on_a_fresh_clone(tmp_path: Path) -> None:

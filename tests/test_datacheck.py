@@ -15,10 +15,10 @@ import pytest
 
 from orchestrator import data as D
 from orchestrator import datacheck
-from orchestrator.spec import load_job
-from tests.train_helpers import tiny_job
+from orchestrator.spec import DataFile
 
 ROWS = [{"text": f"row {i}", "n": i} for i in range(40)]
+FORMAT_KEY = ("data", "format")
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -65,7 +65,7 @@ FILE_KINDS = {
 def test_first_rows_are_the_rows_the_trainer_reads(tmp_path: Path, kind: str) -> None:
     path = FILE_KINDS[kind](tmp_path)
     first = datacheck.first_rows(path)
-    trainer_rows = D.read_rows([str(path)])  # the trainer's reader: datasets
+    trainer_rows = D.read_rows([DataFile(str(path), ("data", "paths", 0))])  # the trainer's reader: datasets
     assert len(first.rows) == datacheck.FIRST_ROWS
     assert first.rows == [trainer_rows[i] for i in range(datacheck.FIRST_ROWS)]
     assert not first.cut_short
@@ -89,22 +89,21 @@ ROW_CASES = [
 
 
 @pytest.mark.parametrize("fmt, row, problem", ROW_CASES)
-def test_row_problem_is_what_the_trainer_raises(tmp_path: Path, fmt: str, row: dict, problem: str | None) -> None:
+def test_row_problem_is_what_the_trainer_raises(fmt: str, row: dict, problem: str | None) -> None:
     assert datacheck.row_problem(fmt, row) == problem
-    job = load_job(tiny_job(tmp_path, "rows", data={"format": fmt}), check_paths=False)
     tok = D.byte_tokenizer()
     if problem is None:
-        ids, mask = D.example_tokens(job, tok, row, "data row 0")
+        ids, mask = D.example_tokens(fmt, True, tok, row, "data row 0")
         assert len(ids) == len(mask) >= 2
     else:
         with pytest.raises(D.DataError) as exc:
-            D.example_tokens(job, tok, row, "data row 0")
+            D.example_tokens(fmt, True, tok, row, "data row 0")
         assert str(exc.value) == f"data row 0: {problem}"
 
 
 def test_check_names_the_first_bad_row_and_its_keys(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": "ok"}, {"prompt": "p", "completion": "c"}])
-    found = datacheck.check_data_path(0, str(path), "text")
+    found = datacheck.check_data_path(str(path), "text", ("data", "paths", 0), FORMAT_KEY)
     assert found is not None and found.field == "data.format"
     assert found.message == (f"format 'text' needs a string field 'text', but line 3 of {str(path)!r} (data.paths.0) "
                              "has keys prompt, completion")
@@ -113,7 +112,7 @@ def test_check_names_the_first_bad_row_and_its_keys(tmp_path: Path) -> None:
 def test_only_the_first_rows_are_read(tmp_path: Path) -> None:
     """A bad row after the first FIRST_ROWS is the trainer's to find: validate stays cheap on big files."""
     rows = [{"text": "ok"}] * datacheck.FIRST_ROWS + [{"nope": 1}]
-    assert datacheck.check_data_path(0, str(_jsonl(tmp_path / "d.jsonl", rows)), "text") is None
+    assert datacheck.check_data_path(str(_jsonl(tmp_path / "d.jsonl", rows)), "text", ("data", "paths", 0), FORMAT_KEY) is None
 
 
 @pytest.mark.parametrize("content, message", [
@@ -126,7 +125,7 @@ def test_only_the_first_rows_are_read(tmp_path: Path) -> None:
 def test_file_problems(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "d.json"
     path.write_text(content)
-    found = datacheck.check_data_path(3, str(path), "text")
+    found = datacheck.check_data_path(str(path), "text", ("data", "paths", 3), FORMAT_KEY)
     assert found is not None and found.field == "data.paths.3"
     assert found.message.endswith(message), found.message
 
@@ -136,28 +135,28 @@ def test_empty_parquet_and_empty_saved_dataset(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
-    assert datacheck.check_data_path(0, str(tmp_path / "e.parquet"), "text").message.endswith("has no rows")
+    assert datacheck.check_data_path(str(tmp_path / "e.parquet"), "text", ("data", "paths", 0), FORMAT_KEY).message.endswith("has no rows")
     import datasets
 
     datasets.Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "e_saved"))
-    assert datacheck.check_data_path(0, str(tmp_path / "e_saved"), "text").message.endswith("has no rows")
+    assert datacheck.check_data_path(str(tmp_path / "e_saved"), "text", ("data", "paths", 0), FORMAT_KEY).message.endswith("has no rows")
 
 
 def test_folder_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
     folder = tmp_path / "shards"
     folder.mkdir()
     _jsonl(folder / "a.jsonl", ROWS)
-    found = datacheck.check_data_path(0, str(folder), "text")
+    found = datacheck.check_data_path(str(folder), "text", ("data", "paths", 0), FORMAT_KEY)
     assert found is not None and found.field == "data.paths.0"
     assert "not a data set saved with save_to_disk" in found.message
     with pytest.raises(D.DataError):  # the trainer's reader refuses it too
-        D.read_rows([str(folder)])
+        D.read_rows([DataFile(str(folder), ("data", "paths", 0))])
 
 
 def test_not_parquet(tmp_path: Path) -> None:
     path = tmp_path / "x.parquet"
     path.write_text('{"text": "a"}\n')
-    found = datacheck.check_data_path(0, str(path), "text")
+    found = datacheck.check_data_path(str(path), "text", ("data", "paths", 0), FORMAT_KEY)
     assert found is not None and "not a Parquet file" in found.message
 
 
@@ -168,4 +167,4 @@ def test_huge_first_line_is_not_called_empty(tmp_path: Path, monkeypatch: pytest
     path = _jsonl(tmp_path / "big.jsonl", [{"text": "x" * 200}])
     first = datacheck.first_rows(path)
     assert first.rows == [] and first.cut_short
-    assert datacheck.check_data_path(0, str(path), "text") is None
+    assert datacheck.check_data_path(str(path), "text", ("data", "paths", 0), FORMAT_KEY) is None

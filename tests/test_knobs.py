@@ -32,11 +32,12 @@ def load(name: str, *overrides: str):
 
 
 def tiny(*overrides: str):
-    """tests/test_memory.py's tiny job: bf16 QLoRA r 8 without dropout, seq 64, micro batch 4, global 8."""
+    """tests/test_memory.py's tiny job: bf16 QLoRA r 8 without dropout, seq 64, micro batch 4, global 8, on
+    DeepSpeed's engine with eager layers and sdpa (the compiled/flex terms: test_levers_switch_their_constants)."""
     return load("tiny.yaml", "model.dtype=bf16", "quantization.compute_dtype=bf16", "lora.dropout=0.0",
                 "training.micro_batch_size=4", "training.global_batch_size=8",
                 "training.gradient_checkpointing=false", "hardware.gpu=H100-80GB", "hardware.gpu_memory_gb=null",
-                *overrides)
+                "training.engine=deepspeed", "training.compile=false", "model.attn_implementation=sdpa", *overrides)
 
 
 # --- the speed model ------------------------------------------------------------------------------
@@ -56,13 +57,13 @@ def test_micro_step_seconds_by_hand():
     #   + dequantizing 92160 4-bit params twice (forward, backward) at 2.5 B: 460800 B; at 1e12 B/s
     traffic = (2 * 786432 * 4 + 2 * 92160 * 2.5) / 1e12
     # launch overhead: (forward 1 + backward 2) x 2 layers x 1 ms
-    assert planner.micro_step_seconds(tiny(), TINY, SIMPLE) == pytest.approx(flops + traffic + 6 * 0.001, rel=1e-12)
+    assert planner.micro_step_seconds(tiny(), "single_gpu", TINY, SIMPLE) == pytest.approx(flops + traffic + 6 * 0.001, rel=1e-12)
     # checkpointing: the decoder forward once more (2*92160 + 2*18688 = 221696 weight FLOPs, 32768 attention),
     # the saved bytes written once more, a third dequantization, one more forward pass of overhead
     flops = 256 * (677376 + 221696 + (98304 + 32768) / 0.5) / 989e12
     traffic = (2 * 786432 * 5 + 3 * 92160 * 2.5) / 1e12
     ckpt = tiny("training.gradient_checkpointing=true")
-    assert planner.micro_step_seconds(ckpt, TINY, SIMPLE) == pytest.approx(flops + traffic + 8 * 0.001, rel=1e-12)
+    assert planner.micro_step_seconds(ckpt, "single_gpu", TINY, SIMPLE) == pytest.approx(flops + traffic + 8 * 0.001, rel=1e-12)
 
 
 def test_step_is_micro_steps_plus_per_step_cost():
@@ -70,7 +71,7 @@ def test_step_is_micro_steps_plus_per_step_cost():
     job = tiny("training.micro_batch_size=2")
     speed = dataclasses.replace(SIMPLE, seconds_per_step=0.25)
     assert planner.step_seconds(job, "single_gpu", TINY, speed) == pytest.approx(
-        4 * planner.micro_step_seconds(job, TINY, speed) + 0.25, rel=1e-12)
+        4 * planner.micro_step_seconds(job, "single_gpu", TINY, speed) + 0.25, rel=1e-12)
 
 
 @pytest.mark.parametrize("preset,method,seq", [("llama3-8b", "qlora", 2048), ("llama3-1b", "lora", 4096),
@@ -84,8 +85,9 @@ def test_larger_micro_batch_is_faster_and_mfu_saturates(preset, method, seq):
                    f"training.micro_batch_size={micro}", "training.global_batch_size=32", "hardware.gpu=H100-80GB")
         shape = job.shape()
         speeds.append(planner.tokens_per_second(job, "single_gpu", shape))
-        ideal = dataclasses.replace(planner.SPEED, attention_mfu=float("inf"), hbm_bytes_per_s=float("inf"),
-                                    seconds_per_layer_pass=0.0)
+        ideal = dataclasses.replace(planner.SPEED, attention_mfu=float("inf"), flex_attention_mfu=float("inf"),
+                                    hbm_bytes_per_s=float("inf"), seconds_per_layer_pass=0.0,
+                                    compiled_seconds_per_layer_pass=0.0)
         mfus.append(planner.SPEED.peak_mfu * planner.step_seconds(job, "single_gpu", shape, ideal)
                     / planner.step_seconds(job, "single_gpu", shape))
     assert speeds == sorted(speeds) and speeds[-1] > 1.2 * speeds[0]
@@ -214,14 +216,20 @@ def test_explicit_values_stay_fixed():
     assert strategy == "zero3_offload_all" and resolved.knobs_resolved()
 
 
-def test_24gb_job_auto_is_faster_than_hand_set_and_fits():
-    job = load("llama8b_qlora_24gb.yaml", *AUTO)
+@pytest.mark.parametrize("gpu, gain", [
+    # the spec's RTX 4090 (165 TFLOP/s): compute dominates, the fixed per-layer cost of micro batch 1 less so
+    (("hardware.gpu=RTX4090",), 1.1),
+    # how the job is validated (benchmarks/knob_grid.py): an H100 capped at 24 GiB; issue 16's target is 1.5x
+    (("hardware.gpu=H100-80GB", "hardware.gpu_memory_gb=24"), 1.5),
+])
+def test_24gb_job_auto_is_faster_than_hand_set_and_fits(gpu, gain):
+    job = load("llama8b_qlora_24gb.yaml", *AUTO, *gpu)
     shape = job.shape()
     strategy, resolved = planner.resolve(job)
     hand_set = planner.with_knobs(job, 1, True)
     assert (resolved.training.micro_batch_size, resolved.training.gradient_checkpointing) != (1, True)
     auto_speed = planner.tokens_per_second(resolved, strategy, shape)
-    assert auto_speed > 1.3 * planner.tokens_per_second(hand_set, "single_gpu", shape)
+    assert auto_speed > gain * planner.tokens_per_second(hand_set, "single_gpu", shape)
     est = memory.estimate(resolved, strategy)
     assert est.total <= planner.gpu_budget(job) < 24 * GIB
 
@@ -286,25 +294,34 @@ def test_compile_writes_the_resolved_knobs(tmp_path):
     trainer_job = load_job(built.files["job_yaml"], check_paths=False)
     assert trainer_job.knobs_resolved()
     assert (trainer_job.training.micro_batch_size, trainer_job.training.gradient_checkpointing) == (micro, ckpt)
-    assert "auto" not in json.dumps(trainer_job.training.model_dump())
+    # the levers stay auto on purpose: the trainer resolves them for the device it gets (levers.resolve)
+    knobs = {k: v for k, v in trainer_job.training.model_dump().items() if k not in ("compile", "engine")}
+    assert "auto" not in json.dumps(knobs)
+    assert (trainer_job.training.compile, trainer_job.training.engine, trainer_job.model.attn_implementation) == \
+        ("auto", "auto", "auto")
 
 
 # --- the fit --------------------------------------------------------------------------------------
 
 
 def test_fit_recovers_constants_from_synthetic_runs():
-    # SYNTHETIC measurements: tokens/s that a known SpeedModel predicts; the fit must find its constants
-    truth = dataclasses.replace(planner.SPEED, attention_mfu=0.31, seconds_per_layer_pass=0.0042, seconds_per_step=0.05)
+    # SYNTHETIC measurements: tokens/s that a known SpeedModel predicts; the fit must find its constants, each
+    # path's from that path's runs (eager sdpa on DeepSpeed, and the default compiled flex on PlainEngine)
+    truth = dataclasses.replace(planner.SPEED, attention_mfu=0.31, seconds_per_layer_pass=0.0042, seconds_per_step=0.05,
+                                flex_attention_mfu=0.6, compiled_seconds_per_layer_pass=0.0015)
     rows = []
-    for preset, micro, seq, ga in [("llama3-8b", 1, 2048, 1), ("llama3-8b", 4, 2048, 4), ("llama3-1b", 2, 4096, 2),
-                                   ("llama3-70b", 1, 1024, 1), ("qwen2.5-7b", 8, 512, 1)]:
-        job = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", f"training.micro_batch_size={micro}",
-                   f"data.seq_len={seq}", f"training.global_batch_size={micro * ga}", "hardware.gpu=H100-80GB")
-        tokens = job.training.global_batch_size * seq
-        rows.append(fit.Measured(preset, "synthetic", job, "single_gpu",
-                                 tokens / planner.step_seconds(job, "single_gpu", job.shape(), truth)))
-    got = fit.fit(rows, planner.SPEED, ("attention_mfu", "seconds_per_layer_pass", "seconds_per_step"))
-    assert (got.attention_mfu, got.seconds_per_layer_pass, got.seconds_per_step) == (0.31, 0.0042, 0.05)
+    for path in (("training.engine=deepspeed", "training.compile=false", "model.attn_implementation=sdpa"), ()):
+        for preset, micro, seq, ga in [("llama3-8b", 1, 2048, 1), ("llama3-8b", 4, 2048, 4), ("llama3-1b", 2, 4096, 2),
+                                       ("llama3-70b", 1, 1024, 1), ("qwen2.5-7b", 8, 512, 1)]:
+            job = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", f"training.micro_batch_size={micro}",
+                       f"data.seq_len={seq}", f"training.global_batch_size={micro * ga}", "hardware.gpu=H100-80GB", *path)
+            tokens = job.training.global_batch_size * seq
+            rows.append(fit.Measured(preset, "synthetic", job, "single_gpu",
+                                     tokens / planner.step_seconds(job, "single_gpu", job.shape(), truth)))
+    fields = ("attention_mfu", "seconds_per_layer_pass", "seconds_per_step", "flex_attention_mfu",
+              "compiled_seconds_per_layer_pass")
+    got = fit.fit(rows, planner.SPEED, fields)
+    assert [getattr(got, f) for f in fields] == [0.31, 0.0042, 0.05, 0.6, 0.0015]
     assert max(abs(fit.error_pct(m, got)) for m in rows) < 0.1
 
 

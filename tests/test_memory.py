@@ -31,9 +31,12 @@ CAL = Calibration(
 
 
 def job(*overrides: str):
+    """The tiny job on DeepSpeed's engine with sdpa, the path the hand computations below follow;
+    PlainEngine, flex attention and auto have their own tests at the end."""
     base = [
         "model.dtype=bf16", "quantization.compute_dtype=bf16", "lora.dropout=0.0",
         "training.micro_batch_size=4", "training.global_batch_size=8", "training.gradient_checkpointing=false",
+        "training.engine=deepspeed", "model.attn_implementation=sdpa",
     ]
     return load_job(ROOT / "jobs/tiny.yaml", base + list(overrides), check_paths=False)
 
@@ -154,9 +157,9 @@ def test_activation_bytes_checkpointing():
 
 
 def test_attention_mask():
-    assert memory.attention_mask_bytes(job()) == 4 * 64 * 64  # bool, micro batch x seq x seq
-    assert memory.attention_mask_bytes(job("model.attn_implementation=eager")) == 4 * 64 * 64 * 2
-    assert memory.attention_mask_bytes(job("model.attn_implementation=flash_attention_2")) == 0
+    assert memory.attention_mask_bytes(job(), TINY) == 4 * 64 * 64  # bool, micro batch x seq x seq
+    assert memory.attention_mask_bytes(job("model.attn_implementation=eager"), TINY) == 4 * 64 * 64 * 2
+    assert memory.attention_mask_bytes(job("model.attn_implementation=flash_attention_2"), TINY) == 0
 
 
 def test_logits_loss():
@@ -328,7 +331,7 @@ def test_load_peak_single_gpu_by_dtype():
     # qlora fp32: dense 65856*4 + packed 46080 + consts 16784 + LoRA 18688*4 = 401952 (> before-head + layer
     # 263424 + 46080 + 16784 - (64+32768)*4 + 46208*4 = 384192)
     j = job("model.dtype=fp32", "quantization.compute_dtype=fp32")
-    assert memory.single_gpu_init_bytes(j, 18688, CAL) == 0
+    assert memory.single_gpu_init_bytes(j, "deepspeed", 18688, CAL) == 0
     assert memory.estimate(j, "single_gpu", CAL, TINY).load_peak == 65856 * 4 + 46080 + 16784 + 18688 * 4
 
 
@@ -372,3 +375,149 @@ def test_load_peak_zero3():
     assert memory.estimate(q, "zero3_offload_optimizer", CAL, TINY).load_peak == 231952 + 32768
     # with param offload the partitions are made in host RAM: the whole model is the peak
     assert memory.estimate(q, "zero3_offload_all", CAL, TINY).load_peak == 231952
+
+
+# --- the eval pass (memory.eval_*): no saved activations, no gradients in flight ---------------
+
+
+def test_eval_layer_working_set_per_token():
+    # bf16 (d=2), h=64, q=64, kv=32, i=176, seq 64, LoRA r 8 on all linears, no dropout, sdpa:
+    # attention: residual + normed 2*2*64 = 256; q,k,v 2*(64+2*32) = 256; rotated q,k 2*(64+32) = 192;
+    #   k,v expanded to 4 heads 2*2*64 = 256; output 2*64 = 128; LoRA: 2 x the widest adapted output
+    #   (q_proj / o_proj, 64) 2*2*64 = 256; sdpa's additive mask 2*64 = 128  -> 1472
+    # MLP: residual + normed 256; act(gate), up with its 2 LoRA temporaries: 4*2*176 = 1408  -> 1664
+    assert memory.eval_layer_bytes_per_token(job(), TINY, 64) == 1664
+    # LoRA on q and v only: no LoRA on up_proj, the MLP holds 3 ffn-wide tensors: 256 + 3*352 = 1312 < 1472
+    assert memory.eval_layer_bytes_per_token(job("lora.target_modules=[q_proj, v_proj]"), TINY, 64) == 1472
+    # full finetune: no LoRA temporaries at all: attention 1472 - 256 = 1216, MLP 1312
+    assert memory.eval_layer_bytes_per_token(job("method=full"), TINY, 64) == 1312
+    # flash_attention_2: no expanded k,v (-256), no mask (-128): attention 1088 < MLP 1664
+    assert memory.eval_layer_bytes_per_token(job("model.attn_implementation=flash_attention_2"), TINY, 64) == 1664
+    # eager: scores (4+2)*4 heads*64 = 1536 instead of sdpa's 128: attention 1472 - 128 + 1536 = 2880
+    assert memory.eval_layer_bytes_per_token(job("model.attn_implementation=eager"), TINY, 64) == 2880
+
+
+def test_eval_transient_layer_or_loss():
+    # micro batch 4 x 64 = 256 tokens.
+    # layer: 1664*256 = 425984 + bool mask 4*64*64 = 16384 + dequant 11264*2 = 22528  -> 464896
+    # loss: final hidden 2*64*256 = 32768 + (bf16 logits 2 + fp32 upcast 4 + log-softmax 4) * 512 * 256
+    #       = 1310720  -> 1343488 (larger)
+    assert memory.eval_transient_bytes(job(), "single_gpu", TINY, 4, CAL) == 1343488
+    # eval micro batch 16: 1024 tokens; loss 2*64*1024 + 10*512*1024 = 131072 + 5242880 = 5373952
+    assert memory.eval_transient_bytes(job(), "single_gpu", TINY, 16, CAL) == 5373952
+    # loss chunk 100 tokens: loss 32768 + 10*512*100 = 544768 > layer 464896
+    assert memory.eval_transient_bytes(job("training.loss_chunk_tokens=100"), "single_gpu", TINY, 4, CAL) == 544768
+    # ... and eager: layer 2880*256 = 737280 + bf16 mask 4*64*64*2 = 32768 + 22528 = 792576 > loss 544768
+    eager = job("training.loss_chunk_tokens=100", "model.attn_implementation=eager")
+    assert memory.eval_transient_bytes(eager, "single_gpu", TINY, 4, CAL) == 792576
+    # ZeRO-3 holds gathered params (the whole tiny model with CAL: 131712 + 46080 + 37376 = 215168) on top
+    assert memory.eval_transient_bytes(job("hardware.gpus_per_node=2"), "zero3", TINY, 4, CAL) == 1343488 + 215168
+
+
+def test_estimate_eval_peak_and_total():
+    resident = 494584  # test_estimate_whole_tiny_qlora: weights, adapters, gradients, master, moments, fixed
+    assert memory.estimate(job(), "single_gpu", CAL, TINY).eval_peak == 0  # no eval split
+    e = memory.estimate(job("data.eval_fraction=0.1"), "single_gpu", CAL, TINY)
+    assert e.eval_peak == resident + 1343488
+    assert e.peak_allocated == 494584 + 3282944 and e.total == int(e.peak_allocated * 1.1) + 500  # training decides
+    big = memory.estimate(job("data.eval_fraction=0.1", "training.eval_micro_batch_size=16"), "single_gpu", CAL, TINY)
+    assert big.eval_peak == resident + 5373952  # > the training peak 3777528: the eval pass decides
+    assert big.peak_allocated == e.peak_allocated and big.total == int(big.eval_peak * 1.1) + 500
+
+
+def test_planner_fits_the_larger_of_training_and_eval_peaks():
+    from orchestrator import planner
+
+    base = ["strategy=single_gpu", "data.eval_fraction=0.1"]
+    train_only = memory.estimate(job(*base), "single_gpu")
+    big_eval = memory.estimate(job(*base, "training.eval_micro_batch_size=64"), "single_gpu")
+    assert big_eval.eval_peak > big_eval.peak_allocated and big_eval.total > train_only.total
+    # a GPU whose budget lies between the two totals (planner.gpu_budget keeps GPU_HEADROOM free)
+    gib = (train_only.total + big_eval.total) / 2 / (1 - planner.GPU_HEADROOM) / 2**30
+    fits = planner.plan(job(*base, f"hardware.gpu_memory_gb={gib}"))
+    assert fits.chosen == "single_gpu"
+    no_fit = planner.plan(job(*base, "training.eval_micro_batch_size=64", f"hardware.gpu_memory_gb={gib}"))
+    assert no_fit.chosen is None
+    assert "(eval peak)" in no_fit.candidates[0].reason
+    table = planner.render_table(job(*base, "training.eval_micro_batch_size=64"), no_fit)
+    eval_row = next(line for line in table.splitlines() if line.startswith("eval peak"))
+    assert eval_row.startswith(f"eval peak{big_eval.eval_peak / 2**30:>22.1f}")  # label column 20 + cell 11
+    assert "eval peak" not in planner.render_table(job(), planner.plan(job()))  # only for jobs with an eval split
+
+
+# --- the levers: PlainEngine, flex attention (orchestrator/levers.py resolves auto) ---------------
+
+
+def test_plain_engine_step_temp_and_load_peak():
+    plain = job("training.engine=plain")
+    # step: fp32 copies of the bf16 gradients, one tensor at a time: 4 - 2 = 2 B per LoRA param on top of the
+    # resident bf16 gradients, plus the last tensor's own 2 B (the largest LoRA matrix: r 8 x 176 = 1408):
+    # 2*18688 + 2*1408 = 40192 (DeepSpeed: fp32 gradients 4 + foreach Adam temporary 4 = 8 B per param)
+    assert memory.model_states(plain, "single_gpu", TINY, CAL).step_temp == 2 * 18688 + 2 * 1408
+    assert memory.model_states(job(), "single_gpu", TINY, CAL).step_temp == 8 * 18688
+    # load: the whole model (231952, test_estimate_whole_tiny_qlora) + its fp32 masters 4 B per LoRA param;
+    # no zero-gradient step (DeepSpeed: 22 B per param)
+    assert memory.single_gpu_init_bytes(plain, "plain", 18688, CAL) == 4 * 18688
+    assert memory.estimate(plain, "single_gpu", CAL, TINY).load_peak == 231952 + 4 * 18688
+    # fp32: the parameters are their own masters, the gradients are used in place, fused AdamW makes nothing
+    fp32 = job("training.engine=plain", "model.dtype=fp32", "quantization.compute_dtype=fp32")
+    assert memory.single_gpu_init_bytes(fp32, "plain", 18688, CAL) == 0
+    assert memory.model_states(fp32, "single_gpu", TINY, CAL).step_temp == 0
+    # full finetune: the largest trainable tensor is the embedding (512 x 64 = 32768), the last one the lm_head
+    full = job("training.engine=plain", "method=full")
+    assert memory.model_states(full, "single_gpu", TINY, CAL).step_temp == 2 * 158016 + 2 * 32768
+
+
+def test_plain_engine_load_peak_reproduces_the_h100_measurement():
+    # benchmarks/results/device/h100-call5/quick.json, q4-flex and q1-flex: QLoRA 8B (r 16 on all 7 linears,
+    # nf4 + double quant) on PlainEngine measured a load peak of 5,954,414,592 B. By hand:
+    #   dense bf16: embedding + lm_head 2 x 128256 x 4096 = 1,050,673,152 + norms 65 x 4096 = 266,240 -> x 2 B
+    #     = 2,101,878,784; packed 4-bit: 32 x 218,103,808 / 2 = 3,489,660,928; constants per layer: absmax
+    #     3,407,872 + nested 53,248 + 7 x 1,092 = 3,468,764 -> x 32 = 111,000,448; LoRA: 32 x 16 x 81,920 =
+    #     41,943,040 params x 2 B = 83,886,080 -> whole model 5,786,426,240
+    #   + fp32 masters 4 x 41,943,040 = 167,772,160 -> 5,954,198,400 (216,192 B under the measurement; the
+    #     DeepSpeed run of the same shape, q4-ds-eager, is 216,192 B over its own prediction too)
+    q = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.micro_batch_size=4",
+                                                          "training.global_batch_size=4"], check_paths=False)
+    assert memory.whole_model_bytes(q, q.shape(), "uint8") == 5_786_426_240
+    assert memory.estimate(q, "single_gpu").load_peak == 5_786_426_240 + 4 * 41_943_040
+    # DeepSpeed's engine on the same job: its zero-gradient step, 22 B per trainable param (measured 6,709,389,312)
+    ds = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.engine=deepspeed"],
+                  check_paths=False)
+    assert memory.estimate(ds, "single_gpu").load_peak == 5_786_426_240 + 22 * 41_943_040
+
+
+def test_flex_attention_activations_and_block_mask():
+    flex = job("model.attn_implementation=flex_attention")
+    # per token (test_layer_activations_sdpa's 3072): no additive mask (-2*64 = -128), and k, v at the
+    # key/value width with enable_gqa (4 query heads, a power of two): 2*2*32 = 128 instead of 2*2*64 = 256
+    assert memory.layer_activation_bytes(flex, TINY, 256, 64, CAL) == (3072 - 128 - 128) * 256
+    assert memory.key_value_bytes_per_token(flex, TINY) == 2 * 2 * 32
+    # 6 query heads (not a power of two): transformers repeat_kv-expands k and v as sdpa's masked path does
+    six = ModelShape("llama", 96, 176, 2, 6, 2, 512, max_position_embeddings=2048)  # head_dim 16, q 96, kv 32
+    assert memory.key_value_bytes_per_token(flex, six) == 2 * 2 * 96
+    assert memory.key_value_bytes_per_token(job(), TINY) == 2 * 2 * 64  # sdpa, packed rows' mask: expanded
+    # mask: seq 64 is one 128-token block: per row 4 index tensors 1x1 + 4 count tensors of 1, int32
+    # = 8 x 4 = 32 B, plus the int64 example ids 64 x 8 = 512 B; micro batch 4: 4 x 544 = 2176
+    # (sdpa: a bool 4 x 64 x 64 = 16384)
+    assert memory.attention_mask_bytes(flex, TINY) == 4 * (32 + 512)
+    # seq 1024 = 8 blocks: per row (4 x 8 x 8 + 4 x 8) x 4 = 1152 + 1024 x 8 = 8192 -> 9344; one row
+    long = job("model.attn_implementation=flex_attention", "data.seq_len=1024", "training.micro_batch_size=1",
+               "training.global_batch_size=8")
+    assert memory.attention_mask_bytes(long, TINY) == 1152 + 8192
+    # a model mixing sliding-window and full layers builds one of each
+    mixed = ModelShape("llama", 64, 176, 2, 4, 2, 512, max_position_embeddings=2048,
+                       layer_types=("sliding_attention", "full_attention"), sliding_window=32)
+    assert memory.attention_mask_bytes(flex, mixed) == 2 * 4 * (32 + 512)
+
+
+def test_auto_levers_are_what_the_estimate_uses():
+    # the planner plans for the levers the trainer will use on the job's GPUs (levers.resolve, cuda=True):
+    # auto estimates exactly like the resolved values written out
+    auto = job("training.engine=auto", "model.attn_implementation=auto")
+    explicit = job("training.engine=plain", "model.attn_implementation=flex_attention", "training.compile=true")
+    for strategy in ("single_gpu", "zero3_offload_optimizer"):
+        a, e = memory.estimate(auto, strategy, CAL, TINY), memory.estimate(explicit if strategy == "single_gpu" else
+                                                                           job("model.attn_implementation=flex_attention"),
+                                                                           strategy, CAL, TINY)
+        assert (a.breakdown, a.load_peak) == (e.breakdown, e.load_peak)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator import levers
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("memory_accuracy", ROOT / "benchmarks/memory_accuracy.py")
 acc = importlib.util.module_from_spec(spec)
@@ -60,6 +62,9 @@ def test_from_results_and_fit(tmp_path):
         job = acc.make_job(c, Path("/tmp/x"), Path("/tmp/x.jsonl"))
         row = {"config": c.name, "role": c.role, "strategy": c.strategy, "gpus": c.gpus, "overrides": list(c.overrides)}
         row.update(acc.predict_row(c, job))
+        # what a run records from summary.json: the levers it used (here: what the planner resolves for a GPU)
+        used = levers.resolve(job, c.strategy, job.shape())
+        row.update(engine=used.engine, compiled_variants=1 if used.compile else None, attention=used.attention)
         row["measured_peak_bytes"] = int(row["predicted_peak_bytes"] * 1.1)
         row["measured_load_peak_bytes"] = int(row["predicted_load_peak_bytes"] * 1.25)
         rows.append(row)
@@ -100,3 +105,21 @@ def test_merge_results_keeps_measured_rows_in_config_order():
     # a later failure never hides a measurement; a later measurement replaces a failure
     assert [r["measured_peak_bytes"] for r in rows] == [7, 100, 9]
     assert meta == {"device": "H100", "date": "2026-11-23, 2026-11-24"}
+
+
+def test_rows_measured_before_the_levers_repredict_as_they_ran(tmp_path):
+    # benchmarks/results/device/h100-call1..3 ran DeepSpeed's engine, eager layers and sdpa (eager where the
+    # overrides say so) and recorded none of it; today's auto resolves to PlainEngine and flex attention.
+    # Re-rendered, they must give exactly the predictions stored with them (common.job_as_ran).
+    calls = [ROOT / f"benchmarks/results/device/h100-call{i}/memory_accuracy.json" for i in (1, 2, 3)]
+    out = tmp_path / "re.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory_accuracy.py"), "--from-results", *map(str, calls),
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    stored = {r["config"]: r for r in json.loads((ROOT / "benchmarks/results/memory_accuracy.json").read_text())["rows"]}
+    again = json.loads(out.read_text())["rows"]
+    assert len(again) == 12
+    for r in again:
+        assert (r["predicted_peak_bytes"], r["predicted_load_peak_bytes"]) == \
+            (stored[r["config"]]["predicted_peak_bytes"], stored[r["config"]]["predicted_load_peak_bytes"]), r["config"]

@@ -39,8 +39,10 @@ CAL = Calibration(norm_fp32_copies=1.0, mlp_intermediates=3.0, backward_transien
 
 
 def job(*overrides: str):
+    """On DeepSpeed's engine with sdpa, as the hand computations below (tests/test_memory.py covers the levers)."""
     base = ["model.dtype=bf16", "quantization.compute_dtype=bf16", "lora.dropout=0.0", "training.micro_batch_size=4",
-            "training.global_batch_size=8", "training.gradient_checkpointing=false"]
+            "training.global_batch_size=8", "training.gradient_checkpointing=false", "training.engine=deepspeed",
+            "model.attn_implementation=sdpa"]
     return load_job(ROOT / "jobs/tiny.yaml", base + list(overrides), check_paths=False)
 
 

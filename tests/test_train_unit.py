@@ -70,7 +70,7 @@ def test_one_definition_of_the_trainer_flags():
         return {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
 
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["train"]
-    assert flags(T.module_parser()) - {"--job"} == flags(sub) >= {"--ds-config", "--resume", "--export-hf", "--local_rank"}
+    assert flags(T.module_parser()) - {"--job"} == flags(sub) >= {"--ds-config", "--resume", "--restart", "--local_rank"}
 
 
 def test_cli_accepts_launcher_local_rank_and_overrides():
@@ -94,7 +94,7 @@ def test_spec_error_prints_every_problem_with_the_prefix(tmp_path, capsys):
 
 def _summary(predicted_peak: int) -> report.RunSummary:
     return report.RunSummary(job="j", strategy="single_gpu", world_size=2, steps=2, engine="plain",
-                             compiled_variants=None, final_loss=1.0, tokens_per_s=1.0, device="cpu",
+                             compiled_variants=None, attention="sdpa", final_loss=1.0, tokens_per_s=1.0, device="cpu",
                              load_peak_bytes=None, peak_allocated_bytes=None, cpu_rss_peak_bytes=None, load_seconds=1.0,
                              predicted_peak_bytes=predicted_peak)
 
