@@ -9,7 +9,7 @@
 Each config is a list of overrides on benchmarks/common.py's BASE (random-weight preset, a few steps,
 synthetic text long enough to fill every row). For each config the harness
 writes the resolved job YAML, runs the trainer (plain python on 1 GPU,
-``deepspeed --num_gpus N --module orchestrator.train`` with NCCL_NVLS_ENABLE=0
+orch's launcher, ``python -m orchestrator.launch --nproc-per-node N``, with NCCL_NVLS_ENABLE=0
 on more), reads ``<output_dir>/summary.json`` (peak_allocated_bytes: max over
 ranks of torch.cuda.max_memory_allocated during training) and compares with
 
@@ -82,6 +82,21 @@ CONFIGS: list[Config] = [
     C("qlora-gemma3-12b-s2048", "held_out", "single_gpu", 1, "model.name=gemma3-12b"),
     C("lora-phi3-mini-mb2-s2048", "held_out", "single_gpu", 1, "method=lora", "model.name=phi3-mini",
       "training.micro_batch_size=2"),
+    # The one-GPU default path since issue 16 (levers auto: PlainEngine, regional compile, flex attention for packed
+    # rows on CUDA); the rows above measured before it re-predict as they ran (common.job_as_ran)
+    C("qlora-8b-mb4-s2048-levers", "held_out", "single_gpu", 1, "training.micro_batch_size=4"),
+    C("lora-8b-s4096-levers", "held_out", "single_gpu", 1, "method=lora", "data.seq_len=4096"),
+    C("qlora-1b-mb8-s1024-nockpt-levers", "calibration", "single_gpu", 1, "model.name=llama3-1b",
+      "training.micro_batch_size=8", "data.seq_len=1024", "training.gradient_checkpointing=false"),
+    C("qlora-70b-s2048-levers", "held_out", "single_gpu", 1, "model.name=llama3-70b"),
+    # compiled vs eager layers without checkpointing, side by side on two shapes: the compiled rows of these pairs
+    # (and qlora-1b-mb8-s1024-nockpt-levers) gave memory.layer_activation_bytes' compiled terms, so they calibrate
+    C("qlora-1b-mb8-s1024-nockpt-eager", "held_out", "single_gpu", 1, "model.name=llama3-1b",
+      "training.micro_batch_size=8", "data.seq_len=1024", "training.gradient_checkpointing=false", "training.compile=false"),
+    C("qlora-8b-mb2-s2048-nockpt-levers", "calibration", "single_gpu", 1, "training.micro_batch_size=2",
+      "training.gradient_checkpointing=false"),
+    C("qlora-8b-mb2-s2048-nockpt-eager", "held_out", "single_gpu", 1, "training.micro_batch_size=2",
+      "training.gradient_checkpointing=false", "training.compile=false"),
     # Full finetunes on 2 GPUs: ZeRO-2, ZeRO-3, ZeRO-3 with optimizer / param offload
     C("full-3b-zero2", "calibration", "zero2", 2, "method=full", "model.name=llama3-3b", "training.micro_batch_size=2"),
     C("full-1b-zero2-s4096", "held_out", "zero2", 2, "method=full", "model.name=llama3-1b", "data.seq_len=4096"),

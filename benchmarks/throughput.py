@@ -13,16 +13,26 @@ process (fresh CUDA context, clean peak-memory counters):
   (``deepspeed --num_gpus N --module orchestrator.train`` on N > 1 GPUs);
   step end times and per-step peak memory come from ``<output_dir>/metrics.jsonl``
   (``log_every: 1``; the trainer syncs the GPU once per logged step with ``loss.item()``).
-* baseline: ``python benchmarks/throughput.py --baseline-worker CASE --job JOB.yaml --out FILE``
+* orch runs with its defaults (``training.engine``, ``training.compile`` and
+  ``model.attn_implementation`` auto); the row records what it used (summary.json:
+  engine, compiled_variants, attention).
+* baseline, "HF": ``python benchmarks/throughput.py --baseline-worker CASE --job JOB.yaml --out FILE``
   (``torchrun`` on N > 1 GPUs): the same shape as a transformers model built from
   config, random weights, 4-bit via bitsandbytes ``Linear4bit`` for qlora, then the
   standard PEFT recipe (``prepare_model_for_kbit_training`` for qlora,
   ``get_peft_model`` with the same LoRA r/alpha/dropout on all linear layers) and
-  ``transformers.Trainer`` (adamw_torch, bf16 autocast, gradient checkpointing,
-  no checkpoint saving). A ``TrainerCallback`` records each step's end time after
+  ``transformers.Trainer`` with Hugging Face's defaults (its default optimizer --
+  fused AdamW on torch >= 2.8 -- and attention kernel, sdpa), bf16 autocast, gradient
+  checkpointing, no checkpoint saving. A ``TrainerCallback`` records each step's end time after
   ``torch.cuda.synchronize()``. The rows are exactly the ones orch trains on
   (orch's tokenizer and packing of the same file), passed with ``position_ids``
   so both sides run the same block-diagonal packed attention.
+* baseline "HF + flags": the same worker with ``--flags``: ``use_liger_kernel=True``
+  (Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy, when liger-kernel is
+  installed; it needs triton and CUDA) and ``torch_compile=True``. The row records what
+  actually ran: the modules Liger patched (or "not installed"), the graphs dynamo
+  compiled and its graph breaks, and the optimizer and attention used, next to the
+  peak memory. Both ratios (vs HF and vs HF + flags) come from the same run.
 
 Throughput: processed tokens (micro batch x seq_len x GPUs per step, padding
 included -- both sides run the model on full rows) over the wall time from the
@@ -199,6 +209,8 @@ def run_orch(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: int,
         load_peak_bytes=summary.get("load_peak_bytes"),
         final_loss=summary.get("final_loss"),
         reported_tokens_per_s=summary.get("tokens_per_s"),
+        engine=summary.get("engine"), compiled_variants=summary.get("compiled_variants"),
+        attention=summary.get("attention"),
     )
     return side
 
@@ -212,18 +224,19 @@ def failed(side: dict, tail: str) -> dict:
 # Baseline side: the runner (parent) and the worker (its own process)
 
 
-def baseline_command(case: Case, job_path: Path, out: Path, steps: int) -> list[str]:
+def baseline_command(case: Case, job_path: Path, out: Path, steps: int, flags: bool = False) -> list[str]:
     worker = [str(Path(__file__).resolve()), "--baseline-worker", case.name, "--job", str(job_path),
-              "--out", str(out), "--steps", str(steps)]
+              "--out", str(out), "--steps", str(steps)] + (["--flags"] if flags else [])
     if case.gpus == 1:
         return [sys.executable, *worker]
     # one process per GPU; HF Trainer picks DeepSpeed ZeRO-3 up from the worker's TrainingArguments
     return ["torchrun", "--standalone", "--nproc_per_node", str(case.gpus), *worker]
 
 
-def run_baseline(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: int, timeout: int) -> dict:
-    out = run_dir / "baseline.json"
-    cmd = baseline_command(case, job_path, out, steps)
+def run_baseline(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: int, timeout: int,
+                 flags: bool = False) -> dict:
+    out = run_dir / ("baseline_flags.json" if flags else "baseline.json")
+    cmd = baseline_command(case, job_path, out, steps, flags)
     rc, tail, seconds = run_logged(cmd, child_env(), timeout)
     side: dict = {"command": shlex.join(cmd), "returncode": rc, "seconds": seconds}
     if rc != 0 or not out.exists():
@@ -235,8 +248,13 @@ def run_baseline(case: Case, run_dir: Path, job_path: Path, steps: int, warmup: 
         peak_allocated_bytes=res["peak_allocated_bytes"],
         load_peak_bytes=res["load_peak_bytes"],
         final_loss=res["final_loss"],
+        **{k: res[k] for k in BASELINE_RECORDS},
     )
     return side
+
+
+BASELINE_RECORDS = ("optimizer", "attention", "liger", "compiled")
+"""What a baseline run records about itself besides time and memory (baseline_worker)."""
 
 
 def build_baseline_model(job, torch, cuda: bool):
@@ -253,11 +271,12 @@ def build_baseline_model(job, torch, cuda: bool):
     dtype = torch_dtype(job.model.dtype)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     gc_kwargs = {"use_reentrant": False}  # as orch; reentrant checkpointing would need enable_input_require_grads
+    # attention: Hugging Face's default kernel (no attn_implementation: sdpa where torch has it)
     if job.method == "full":
         # Under ZeRO-3 (HfDeepSpeedConfig alive via TrainingArguments) from_config builds partitioned.
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=job.model.attn_implementation)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=job.model.attn_implementation)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if job.method == "qlora":
         quantize_4bit_(model, job, torch)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.training.gradient_checkpointing,
@@ -333,8 +352,41 @@ def zero3_config(job) -> dict:
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
-def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
-    """One baseline run (its own process): writes step end times and peak memory to ``out`` (rank 0)."""
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_record(model) -> str:
+    """What Liger changed in ``model``: the modules whose forward it replaced, by kernel."""
+    patched: dict[str, int] = {}
+    for m in model.modules():
+        fn = getattr(m.forward, "__func__", m.forward)
+        module = getattr(fn, "__module__", "") or ""
+        if module.startswith("liger_kernel"):
+            name = getattr(fn, "__qualname__", "forward").split(".")[0]
+            patched[name] = patched.get(name, 0) + 1
+    if not patched:
+        return "installed, patched nothing"
+    return "applied: " + ", ".join(f"{n} x{k}" for n, k in sorted(patched.items()))
+
+
+def compile_record(trainer, torch) -> str:
+    """Whether dynamo compiled the model: the graphs it made and its graph breaks (0 graphs: it did not run)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    wrapped = type(trainer.model_wrapped).__name__
+    return f"{graphs} graphs, {breaks} graph breaks ({wrapped})"
+
+
+def baseline_worker(case_name: str, job_path: str, out: str, steps: int, flags: bool = False) -> int:
+    """One baseline run (its own process): writes step end times, peak memory and what ran to ``out`` (rank 0).
+
+    ``flags``: "HF + flags", use_liger_kernel (when liger-kernel is installed) and torch_compile.
+    """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -351,7 +403,8 @@ def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
         output_dir=tempfile.mkdtemp(prefix="hf-baseline-"), max_steps=steps,
         per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=job.grad_accum(),
         learning_rate=t.lr, lr_scheduler_type=t.lr_schedule, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim="adamw_torch", seed=t.seed,
+        max_grad_norm=t.max_grad_norm, seed=t.seed,  # optim: Hugging Face's default
+        use_liger_kernel=flags and liger_installed(), torch_compile=flags,
         bf16=job.model.dtype == "bf16" and cuda, use_cpu=not cuda,
         gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
@@ -381,6 +434,10 @@ def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     result = trainer.train()
     sync()
+    records = {"optimizer": str(args.optim.value if hasattr(args.optim, "value") else args.optim),
+               "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+               "liger": ("not installed" if not liger_installed() else liger_record(trainer.model)) if flags else "off",
+               "compiled": compile_record(trainer, torch) if flags else "off"}
     peak = torch.cuda.max_memory_allocated() if cuda else None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         peaks = [None] * torch.distributed.get_world_size()
@@ -390,7 +447,7 @@ def baseline_worker(case_name: str, job_path: str, out: str, steps: int) -> int:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(out).write_text(json.dumps({
             "step_end_times": timer.times, "peak_allocated_bytes": peak, "load_peak_bytes": load_peak,
-            "final_loss": losses[-1] if losses else result.training_loss,
+            "final_loss": losses[-1] if losses else result.training_loss, **records,
         }) + "\n")
     return 0
 
@@ -413,40 +470,52 @@ def run_case(case: Case, steps: int, warmup: int, timeout: int, device: str, gpu
     row["job"] = str(job_path)
     row["orch"] = run_orch(case, run_dir, job_path, steps, warmup, timeout)
     row["baseline"] = run_baseline(case, run_dir, job_path, steps, warmup, timeout)
+    row["baseline_flags"] = run_baseline(case, run_dir, job_path, steps, warmup, timeout, flags=True)
     fpt = sum(planner.flops_per_token(job, job.shape()))  # weight matmuls + attention
     peak = None if case.cpu else peak_flops(device)
     row.update(flops_per_token=fpt, peak_flops_per_gpu=peak)
-    for side in ("orch", "baseline"):
+    for side in SIDES:
         row[side]["mfu"] = mfu(row[side]["tokens_per_s"], fpt, peak, case.gpus)
-    row["speedup"] = ratio(row["orch"]["tokens_per_s"], row["baseline"]["tokens_per_s"])
-    row["memory_ratio"] = ratio(row["orch"]["peak_allocated_bytes"], row["baseline"]["peak_allocated_bytes"])
+    for base, suffix in (("baseline", ""), ("baseline_flags", "_vs_flags")):
+        row["speedup" + suffix] = ratio(row["orch"]["tokens_per_s"], row[base]["tokens_per_s"])
+        row["memory_ratio" + suffix] = ratio(row["orch"]["peak_allocated_bytes"], row[base]["peak_allocated_bytes"])
     return row
+
+
+SIDES = ("orch", "baseline", "baseline_flags")
+"""Each case's runs: orch with its defaults, HF Trainer + PEFT with HF's defaults, and the same with flags."""
 
 
 # ---------------------------------------------------------------------------
 # Reporting
 
-COLUMNS = ("case", "orch tok/s", "baseline tok/s", "speedup", "orch peak GiB", "baseline peak GiB", "memory ratio",
-           "orch MFU %", "baseline MFU %")
+COLUMNS = ("case", "orch tok/s", "HF tok/s", "HF+flags tok/s", "speedup", "vs flags", "orch GiB", "HF GiB",
+           "HF+flags GiB", "memory ratio", "vs flags mem", "MFU % orch/HF/flags", "orch levers", "flags ran")
 
 
 def _f(x: Optional[float], fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _tps(side: dict) -> str:
+    if side["tokens_per_s"] is None:
+        return "OOM" if side.get("oom") else f"failed (rc {side['returncode']})"
+    return format(side["tokens_per_s"], ".1f")
+
+
 def table_cells(row: dict) -> list[str]:
     if "skipped" in row:
         return [row["case"], f"skipped: {row['skipped']}"] + [""] * (len(COLUMNS) - 2)
-    o, b = row["orch"], row["baseline"]
+    o, b, f = (row[s] for s in SIDES)
     gib = lambda n: None if n is None else n / GIB  # noqa: E731
-    pct = lambda x: None if x is None else 100 * x  # noqa: E731
-    cells = [row["case"], _f(o["tokens_per_s"], ".1f"), _f(b["tokens_per_s"], ".1f"), _f(row["speedup"], ".2f"),
-             _f(gib(o["peak_allocated_bytes"]), ".2f"), _f(gib(b["peak_allocated_bytes"]), ".2f"),
-             _f(row["memory_ratio"], ".2f"), _f(pct(o["mfu"]), ".1f"), _f(pct(b["mfu"]), ".1f")]
-    for i, side in ((1, o), (2, b)):
-        if side["tokens_per_s"] is None:
-            cells[i] = "OOM" if side.get("oom") else f"failed (rc {side['returncode']})"
-    return cells
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    levers = "-" if o.get("engine") is None else \
+        f"{o['engine']}, {'compiled' if o.get('compiled_variants') else 'eager'}, {o.get('attention')}"
+    ran = "-" if f.get("compiled") is None else f"liger {f.get('liger')}; compile {f.get('compiled')}"
+    return [row["case"], _tps(o), _tps(b), _tps(f), _f(row["speedup"], ".2f"), _f(row["speedup_vs_flags"], ".2f"),
+            _f(gib(o["peak_allocated_bytes"]), ".2f"), _f(gib(b["peak_allocated_bytes"]), ".2f"),
+            _f(gib(f["peak_allocated_bytes"]), ".2f"), _f(row["memory_ratio"], ".2f"),
+            _f(row["memory_ratio_vs_flags"], ".2f"), "/".join(pct(s.get("mfu")) for s in (o, b, f)), levers, ran]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -459,8 +528,9 @@ def print_table(rows: list[dict]) -> None:
 NOTES = """\
 - tok/s: tokens processed (micro batch x seq_len x GPUs per step, padding included) over the steps after the
   first {warmup} (warm-up excluded), from each side's step end times (GPU synced at every step end).
-- speedup = orch tok/s / baseline tok/s (> 1: orch faster); memory ratio = orch peak / baseline peak (< 1: orch
-  smaller). Peak = torch.cuda.max_memory_allocated during training, reset after the model is built (max over ranks).
+- speedup = orch tok/s / HF tok/s (> 1: orch faster), "vs flags" the same against HF + flags; memory ratio = orch
+  peak / HF peak (< 1: orch smaller). Peak = torch.cuda.max_memory_allocated during training, reset after the model
+  is built (max over ranks). All three sides of a row ran one after the other on the same GPU.
 - MFU uses the FLOP count of orch's speed model (planner.flops_per_token: weight matmuls forward and backward,
   weight gradients of trained weights only, the checkpointing and LM-head recomputes, attention as the full
   square) and the GPU's dense 16-bit peak from orch's catalog.
@@ -469,8 +539,12 @@ NOTES = """\
   (orch's byte-level tokenizer and packing of the same synthetic file; the baseline gets them with position_ids).
 - Recipe differences (what each side does by default): the baseline runs prepare_model_for_kbit_training (qlora:
   non-4-bit weights upcast to fp32), fp32 LoRA weights under bf16 autocast, full-vocabulary fp32 logits in its
-  loss and torch AdamW; orch keeps non-4-bit weights in model.dtype, computes the LM head + loss in chunks and
-  uses DeepSpeed's optimizer.
+  loss, Hugging Face's default optimizer (recorded in the JSON) and its default attention (sdpa with the packed
+  rows' dense mask); orch keeps non-4-bit weights in model.dtype, computes the LM head + loss in chunks and runs
+  its defaults: PlainEngine with fused AdamW on one GPU, compiled decoder layers and flex attention on CUDA
+  ("orch levers": engine, layers, attention). HF + flags adds use_liger_kernel (Liger's RMSNorm, SwiGLU, RoPE and
+  fused linear cross-entropy: no full logits) and torch_compile (the whole model); "flags ran" says what Liger
+  patched (or "not installed") and what dynamo compiled.
 """
 
 
@@ -499,10 +573,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_timing_args(ap, steps=12, timeout=900, timeout_help="seconds per side of a case")
     ap.add_argument("--baseline-worker", metavar="CASE", help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--flags", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.baseline_worker:
-        return baseline_worker(args.baseline_worker, args.job, args.out, args.steps)
+        return baseline_worker(args.baseline_worker, args.job, args.out, args.steps, args.flags)
     check_timing_args(ap, args)
     cases = select_named(TINY_CASES if args.tiny else CASES, args.only, "case", "" if args.tiny else " (and --tiny)")
     if cases is None:

@@ -371,11 +371,13 @@ def input_groups(shape: ModelShape) -> dict[str, tuple[str, ...]]:
     return FUSED_INPUT_GROUPS if shape.family.fused_linears else INPUT_GROUPS
 
 
-def norm_bytes_per_token(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> float:
+def norm_bytes_per_token(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION,
+                         compiled: bool = False) -> float:
     """Bytes per token that one decoder layer's RMSNorms save for backward.
 
     Every norm upcasts its input to fp32 and keeps it (pow and mul save it:
-    cal.norm_fp32_copies x 4 bytes per element). The normalized widths: h for each of the
+    cal.norm_fp32_copies x 4 bytes per element); a compiled layer keeps the input in model
+    dtype instead and redoes the upcast in its backward (see layer_activation_bytes). The normalized widths: h for each of the
     family's norms_per_layer (2; Gemma 4), plus q and k (q_dim + kv_dim) where q/k norms
     exist (Qwen3, Gemma-3). A full finetune also saves the normalized tensor for the norm
     weight's gradient: in model dtype for Llama-style norms (w * x.to(dtype)), in fp32 for
@@ -383,7 +385,7 @@ def norm_bytes_per_token(job: JobSpec, shape: ModelShape, cal: Calibration = CAL
     """
     family = shape.family
     width = family.norms_per_layer * shape.hidden_size + (shape.q_dim + shape.kv_dim if family.qk_norm else 0)
-    per_token = cal.norm_fp32_copies * FP32 * width
+    per_token = (DTYPE_BYTES[job.model.dtype] if compiled else cal.norm_fp32_copies * FP32) * width
     if job.method == "full":
         per_token += (FP32 if family.offset_norm else DTYPE_BYTES[job.model.dtype]) * width
     return per_token
@@ -429,8 +431,19 @@ def key_value_bytes_per_token(job: JobSpec, shape: ModelShape) -> int:
     return 2 * d * shape.q_dim
 
 
-def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION) -> int:
+def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len: int, cal: Calibration = CALIBRATION,
+                           compiled: bool = False) -> int:
     """Bytes one decoder layer saves for backward, for ``tokens`` tokens in sequences of ``seq_len``.
+
+    ``compiled`` (``levers.compiled``: the layer runs through torch.compile): AOTAutograd's
+    partitioner recomputes cheap pointwise work in the backward instead of saving its output,
+    so each RMSNorm keeps its input in model dtype, not the fp32 upcast, and the MLP does not
+    keep the activation's output (one d*i fewer). Measured on an H100 (2026-11-24,
+    benchmarks/results/device/h100-call7, -call8; QLoRA, flex attention, PlainEngine, no
+    checkpointing, the same job compiled and eager): 1B (h 2048, i 8192) mb 8 x 1024 saved
+    2.97 GiB less compiled = 24,330 B per token per layer, 8B (h 4096, i 14336) mb 2 x 2048
+    5.47 GiB less = 44,810 B; these terms give 2 norms x 2h + 2i = 24,576 and 45,056 B (+1.0 %,
+    +0.5 %).
 
     Per token (d = model dtype bytes, h hidden, q = heads x head_dim, i ffn):
 
@@ -457,10 +470,10 @@ def layer_activation_bytes(job: JobSpec, shape: ModelShape, tokens: int, seq_len
     d = DTYPE_BYTES[job.model.dtype]
     h, q, i = shape.hidden_size, shape.q_dim, shape.intermediate_size
     heads = shape.num_attention_heads
-    per_token = norm_bytes_per_token(job, shape, cal)
+    per_token = norm_bytes_per_token(job, shape, cal, compiled)
     per_token += d * q + key_value_bytes_per_token(job, shape) + d * q + FP32 * heads  # q, k, v; output + lse
     per_token += attention_score_bytes_per_token(job, shape, seq_len)
-    per_token += cal.mlp_intermediates * d * i
+    per_token += (cal.mlp_intermediates - (1 if compiled else 0)) * d * i
     linears = shape.linear_shapes()
     groups = input_groups(shape)
     if job.method == "full":
@@ -513,7 +526,8 @@ def attention_mask_bytes(job: JobSpec, shape: ModelShape) -> int:
     return shape.attention_mask_kinds() * per_kind
 
 
-def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION) -> tuple[int, int]:
+def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRATION,
+                     compiled: bool = False) -> tuple[int, int]:
     """(saved activations at the start of backward, largest per-layer transient on top of them).
 
     Without checkpointing every layer keeps its activations; the transient is
@@ -523,20 +537,13 @@ def activation_bytes(job: JobSpec, shape: ModelShape, cal: Calibration = CALIBRA
     its gradients are the transient. Both add the final norm's saved tensors
     and the shared attention mask.
 
-    Compiled decoder layers (``levers.compiled``) are counted as eager ones. Assumed, from
-    AOTAutograd's min-cut partitioner: it saves at most what eager autograd saves, recomputing
-    fusible pointwise work (RMSNorm's fp32 copies, SiLU, RoPE) in the backward instead, and
-    inductor keeps no persistent device workspace without CUDA graphs. Measured on an H100
-    (issue 16, QLoRA 8B micro batch 4, seq 2048, checkpointing): compiled layers with flex
-    attention on PlainEngine peaked 16,463,360 B below eager sdpa on DeepSpeed, where the
-    dense bool mask this model drops for flex is 16,777,216 B; the peak there is the loss
-    chunk's, so the layers' own saved bytes were not seen apart.
+    ``compiled``: the decoder layers run compiled (layer_activation_bytes says what that saves).
     """
     t = job.training
     tokens = t.micro_batch_size * job.data.seq_len
     d = DTYPE_BYTES[job.model.dtype]
     h = shape.hidden_size
-    layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal)
+    layer = layer_activation_bytes(job, shape, tokens, job.data.seq_len, cal, compiled)
     final_norm = int((cal.norm_fp32_copies * FP32 + d) * h * tokens) + attention_mask_bytes(job, shape)
     if t.gradient_checkpointing:
         saved = shape.num_hidden_layers * d * h * tokens + final_norm
@@ -886,7 +893,7 @@ def estimate(job: JobSpec, strategy: str, cal: Calibration = CALIBRATION, shape:
     resident["zero_buffers"] = zero_buffer_bytes(job, strategy, shape)
     resident["fixed"] = cal.fixed_allocated_bytes
 
-    saved, layer_transient = activation_bytes(job, shape, cal)
+    saved, layer_transient = activation_bytes(job, shape, cal, levers.compiled(job, strategy))
     loss = logits_loss_bytes(job, shape, cal)
     dequant = dequant_buffer_bytes(job, shape, cal)
     live = zero3_live_param_bytes(job, strategy, shape, cal)

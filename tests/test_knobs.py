@@ -23,6 +23,7 @@ from orchestrator.spec import SpecError, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTO = ("training.micro_batch_size=auto", "training.gradient_checkpointing=auto")
+FIXED = ("training.micro_batch_size=1", "training.gradient_checkpointing=true")  # the example's knobs before auto
 # tests/test_memory.py's shape: h=64, i=176, 2 layers, 4 heads, 2 kv heads, vocab 512, untied lm_head
 TINY = ModelShape("llama", 64, 176, 2, 4, 2, 512, max_position_embeddings=2048)
 
@@ -98,8 +99,10 @@ def test_larger_micro_batch_is_faster_and_mfu_saturates(preset, method, seq):
 
 def test_checkpointing_costs_time():
     for preset in ("llama3-1b", "llama3-8b", "llama3-70b"):
-        on = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", "training.gradient_checkpointing=true")
-        off = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", "training.gradient_checkpointing=false")
+        on = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", "training.micro_batch_size=1",
+                  "training.gradient_checkpointing=true")
+        off = load("llama8b_qlora_24gb.yaml", f"model.name={preset}", "training.micro_batch_size=1",
+                   "training.gradient_checkpointing=false")
         ratio = planner.tokens_per_second(off, "single_gpu", off.shape()) / planner.tokens_per_second(on, "single_gpu", on.shape())
         assert 1.1 < ratio < 1.5  # one more forward of ~3-4 units of work
 
@@ -209,7 +212,7 @@ def test_explicit_values_stay_fixed():
     assert single.runner_up is not None and single.runner_up.strategy == "single_gpu"
     assert single.runner_up.micro_batch_size == chosen.micro_batch_size // 2  # 16 / 2^k: the next one down
     # nothing auto: the spec's values, and resolve() leaves a forced job untouched
-    forced = load("llama8b_qlora_24gb.yaml", "strategy=single_gpu")
+    forced = load("llama8b_qlora_24gb.yaml", "strategy=single_gpu", *FIXED)
     assert planner.resolve(forced) == ("single_gpu", forced)
     # a forced strategy with auto knobs gets its fastest fitting knobs
     strategy, resolved = planner.resolve(load("llama8b_qlora_24gb.yaml", "strategy=zero3_offload_all", *AUTO))
@@ -262,7 +265,7 @@ def test_plan_json_carries_the_knobs(capsys):
     assert (runner["strategy"], runner["gradient_checkpointing"]) != (chosen["strategy"], chosen["gradient_checkpointing"]) \
         or runner["micro_batch_size"] != chosen["micro_batch_size"]
     # explicit knobs: the candidates carry the spec's values
-    assert main(["plan", str(job), "--json"]) == 0
+    assert main(["plan", str(job), *FIXED, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {(c["micro_batch_size"], c["gradient_checkpointing"]) for c in data["candidates"]} == {(1, True)}
 

@@ -70,7 +70,8 @@ def test_engine_from_the_spec_is_the_trainers_choice_from_its_deepspeed_config(s
     # (EngineFacts.of_deepspeed): same answers, same errors, for every strategy, dtype and setting
     gpus = 1 if STRATEGIES[strategy].zero_stage == 0 else 2
     j = job(f"model.dtype={dtype}", f"quantization.compute_dtype={dtype}", "hardware.gpu=A100-80GB",
-            f"hardware.gpus_per_node={gpus}", "hardware.nvme_path=/tmp", "quantization.storage_dtype=" + dtype)
+            f"hardware.gpus_per_node={gpus}", "hardware.nvme_path=/tmp", "quantization.storage_dtype=" + dtype,
+            "training.micro_batch_size=1", "training.gradient_checkpointing=true")  # any fixed knobs: a config needs them
     config = build_ds_config(j, strategy, j.shape(), 10)
     j = j.model_copy(update={"training": j.training.model_copy(update={"engine": setting})})
     try:

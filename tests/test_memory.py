@@ -31,12 +31,12 @@ CAL = Calibration(
 
 
 def job(*overrides: str):
-    """The tiny job on DeepSpeed's engine with sdpa, the path the hand computations below follow;
-    PlainEngine, flex attention and auto have their own tests at the end."""
+    """The tiny job on DeepSpeed's engine with sdpa and eager layers, the path the hand computations below
+    follow; PlainEngine, flex attention, compiled layers and auto have their own tests at the end."""
     base = [
         "model.dtype=bf16", "quantization.compute_dtype=bf16", "lora.dropout=0.0",
         "training.micro_batch_size=4", "training.global_batch_size=8", "training.gradient_checkpointing=false",
-        "training.engine=deepspeed", "model.attn_implementation=sdpa",
+        "training.engine=deepspeed", "model.attn_implementation=sdpa", "training.compile=false",
     ]
     return load_job(ROOT / "jobs/tiny.yaml", base + list(overrides), check_paths=False)
 
@@ -478,12 +478,14 @@ def test_plain_engine_load_peak_reproduces_the_h100_measurement():
     #   + fp32 masters 4 x 41,943,040 = 167,772,160 -> 5,954,198,400 (216,192 B under the measurement; the
     #     DeepSpeed run of the same shape, q4-ds-eager, is 216,192 B over its own prediction too)
     q = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.micro_batch_size=4",
-                                                          "training.global_batch_size=4"], check_paths=False)
+                                                          "training.global_batch_size=4",
+                                                          "training.gradient_checkpointing=true"], check_paths=False)
     assert memory.whole_model_bytes(q, q.shape(), "uint8") == 5_786_426_240
     assert memory.estimate(q, "single_gpu").load_peak == 5_786_426_240 + 4 * 41_943_040
     # DeepSpeed's engine on the same job: its zero-gradient step, 22 B per trainable param (measured 6,709,389,312)
-    ds = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.engine=deepspeed"],
-                  check_paths=False)
+    ds = load_job(ROOT / "jobs/llama8b_qlora_24gb.yaml", ["hardware.gpu=H100-80GB", "training.engine=deepspeed",
+                                                           "training.micro_batch_size=4", "training.global_batch_size=4",
+                                                           "training.gradient_checkpointing=true"], check_paths=False)
     assert memory.estimate(ds, "single_gpu").load_peak == 5_786_426_240 + 22 * 41_943_040
 
 
@@ -514,10 +516,25 @@ def test_flex_attention_activations_and_block_mask():
 def test_auto_levers_are_what_the_estimate_uses():
     # the planner plans for the levers the trainer will use on the job's GPUs (levers.resolve, cuda=True):
     # auto estimates exactly like the resolved values written out
-    auto = job("training.engine=auto", "model.attn_implementation=auto")
+    auto = job("training.engine=auto", "model.attn_implementation=auto", "training.compile=auto")
     explicit = job("training.engine=plain", "model.attn_implementation=flex_attention", "training.compile=true")
     for strategy in ("single_gpu", "zero3_offload_optimizer"):
         a, e = memory.estimate(auto, strategy, CAL, TINY), memory.estimate(explicit if strategy == "single_gpu" else
                                                                            job("model.attn_implementation=flex_attention"),
                                                                            strategy, CAL, TINY)
         assert (a.breakdown, a.load_peak) == (e.breakdown, e.load_peak)
+
+
+def test_compiled_layers_save_norm_inputs_in_model_dtype_and_no_activation_output():
+    # eager tiny layer: 3072 B per token (test_layer_activations). Compiled: each of the 2 RMSNorms keeps its
+    # bf16 input (2*64) instead of the fp32 copy (4*64): -2*2*64 = -256; the MLP drops act(gate), d*i = 2*176 = 352
+    assert memory.layer_activation_bytes(job(), TINY, 256, 64, CAL, compiled=True) == (3072 - 256 - 352) * 256
+    # estimate: training.compile=true on single_gpu (auto would too, on CUDA) takes the compiled layers:
+    # saved 2 layers x 2464 x 256 = 1261568 instead of 2 x 786432 = 1572864 (the final norm and mask are unchanged)
+    eager = memory.estimate(job(), "single_gpu", CAL, TINY)
+    compiled = memory.estimate(job("training.compile=true"), "single_gpu", CAL, TINY)
+    assert eager.breakdown["activations"] - compiled.breakdown["activations"] == 2 * (786432 - 2464 * 256)
+    # under ZeRO-3, auto leaves the layers eager (levers.compile_wanted)
+    z3 = job("hardware.gpus_per_node=2", "training.compile=auto")
+    assert memory.estimate(z3, "zero3", CAL, TINY).breakdown["activations"] == \
+        memory.estimate(job("hardware.gpus_per_node=2"), "zero3", CAL, TINY).breakdown["activations"]

@@ -21,17 +21,46 @@ def test_tiny_case_both_sides(tmp_path, capsys):
     assert payload["steps"] == 3 and payload["warmup_steps"] == 1 and "transformers" in payload["versions"]
     (row,) = payload["rows"]
     assert row["case"] == "tiny-lora-cpu" and row["tokens_per_step"] == 2 * 64
-    for side in ("orch", "baseline"):
+    for side in ("orch", "baseline", "baseline_flags"):
         s = row[side]
         assert s["returncode"] == 0, s.get("log_tail")
         assert s["steps"] == 3 and s["tokens_per_s"] > 0 and s["final_loss"] > 0
         assert s["mfu"] is None  # CPU: no peak FLOP/s
         assert s["command"]
     assert row["speedup"] == pytest.approx(row["orch"]["tokens_per_s"] / row["baseline"]["tokens_per_s"])
-    assert row["memory_ratio"] is None  # no CUDA allocator counters on the CPU
+    assert row["speedup_vs_flags"] == pytest.approx(row["orch"]["tokens_per_s"] / row["baseline_flags"]["tokens_per_s"])
+    assert row["memory_ratio"] is None and row["memory_ratio_vs_flags"] is None  # no CUDA allocator counters on the CPU
+    # orch with its defaults, and what it used on the CPU: PlainEngine, eager layers (compile auto: CUDA only), sdpa
+    o = row["orch"]
+    assert (o["engine"], o["compiled_variants"], o["attention"]) == ("plain", None, "sdpa")
+    # HF's defaults: its default optimizer (fused AdamW on torch >= 2.8), sdpa; no flags
+    b, f = row["baseline"], row["baseline_flags"]
+    assert (b["optimizer"], b["attention"], b["liger"], b["compiled"]) == ("adamw_torch_fused", "sdpa", "off", "off")
+    # HF + flags: liger-kernel needs triton + CUDA, so it is not installed here; torch_compile ran (dynamo made graphs)
+    assert f["liger"] == "not installed" and f["optimizer"] == "adamw_torch_fused"
+    graphs = int(f["compiled"].split()[0])
+    assert graphs >= 1, f["compiled"]
     md = out.with_suffix(".md").read_text()
-    assert "| tiny-lora-cpu |" in md and "speedup" in md
+    assert "| tiny-lora-cpu |" in md and "vs flags" in md and "liger not installed" in md
     assert "tiny-lora-cpu" in capsys.readouterr().out
+
+
+def test_liger_record_names_the_patched_modules():
+    # what liger-kernel does to an instance (_bind_method_to_module): a module's forward replaced by a function
+    # of a liger_kernel module; faked here with such a function, liger-kernel not being installed
+    import types
+
+    from torch import nn
+
+    def forward(self, x):
+        return x
+
+    forward.__module__, forward.__qualname__ = "liger_kernel.transformers.rms_norm", "LigerRMSNorm.forward"
+    model = nn.Sequential(nn.Linear(2, 2), nn.Identity(), nn.Identity())
+    assert tp.liger_record(model) == "installed, patched nothing"
+    for m in model[1:]:
+        m.forward = types.MethodType(forward, m)
+    assert tp.liger_record(model) == "applied: LigerRMSNorm x2"
 
 
 def test_arithmetic_and_skips():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device-tool run of the throughput benchmark (orch vs HF Trainer + PEFT), a subset per call:
-# one call is at most 10 minutes, and each case runs two 8B trainings.
+# one call is at most 10 minutes, and each case runs three 8B trainings (orch, HF, HF + flags; liger-kernel
+# installs from .whl when its wheel is there).
 #   usage (through the device tool, carry .whl):  bash benchmarks/device/throughput.sh CASE[,CASE...]
 # Results land in $OUT (json + md + log); copy them to benchmarks/results/device/.
 set -uo pipefail
