@@ -137,12 +137,12 @@ def child_env() -> dict:
 
 
 def trainer_command(cfg: Config, job_path: Path) -> list[str]:
-    """orch's trainer: plain python on 1 GPU, the deepspeed launcher on more."""
+    """orch's trainer: plain python on 1 GPU, orch's launcher (what `orch submit` runs) on more."""
     if cfg.gpus == 1:
         return [sys.executable, "-m", "orchestrator.train", "--job", str(job_path)]
     port = str(29500 + random.Random(cfg.name).randrange(1000))
-    return ["deepspeed", "--num_gpus", str(cfg.gpus), "--master_port", port, "--module", "orchestrator.train",
-            "--job", str(job_path)]
+    return [sys.executable, "-m", "orchestrator.launch", "--nproc-per-node", str(cfg.gpus), "--master-port", port,
+            "--", "--job", str(job_path)]
 
 
 def run_logged(cmd: list[str], env: dict, timeout: int, tail_chars: int = 3000) -> tuple[int, str, float]:

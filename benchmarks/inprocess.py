@@ -3,7 +3,7 @@ building it again each time (benchmarks/knob_grid.py: a grid of micro batch x ch
 one optimizer step (benchmarks/device/profile_step.py).
 
 What a training run does, minus its checkpoints, logging and signals, through these calls of the trainer's
-modules only -- the coupling to adapt when the trainer's recipe changes (orchestrator/train.py):
+modules only -- the coupling to adapt when the trainer's recipe changes (orchestrator/recipe.py):
 
 * data: ``data.load_tokenizer``, ``data.tokenize_all``, ``data.Batcher(...).micro_batch_arrays`` /
   ``step_loss_tokens`` (the trainer's ``prepare_rows`` adds only its cache);
@@ -12,7 +12,7 @@ modules only -- the coupling to adapt when the trainer's recipe changes (orchest
 * engine: ``levers.resolve`` picks it as the trainer does; ``engine.PlainEngine`` from
   ``deepspeed_config.build_ds_config``, or ``deepspeed.initialize``;
 * compiled layers: ``speedups.compile_decoder_layers`` once per model, ``check_compiled`` after a step;
-* one optimizer step: the trainer's loop body (``Trainer.train``): per micro batch
+* one optimizer step: the trainer's loop body (``recipe.train``): per micro batch
   ``loss = engine(ids, position_ids, targets, scale)``, ``engine.backward(loss)``, ``engine.step()``, with
   scale = grad_accum x world / loss tokens of the step.
 
@@ -119,7 +119,7 @@ def set_checkpointing(model: Model, on: bool) -> None:
 
 
 def optimizer_step(model: Model, eng: Any, batcher: D.Batcher, step: int) -> None:
-    """One optimizer step of the trainer's loop (``Trainer.train``), on one process."""
+    """One optimizer step of the trainer's loop (``recipe.train``), on one process."""
     ga = batcher.grad_accum
     scale = torch.tensor(ga / max(batcher.step_loss_tokens(step), 1), device=model.device, dtype=torch.float32)
     for micro in range(ga):

@@ -9,7 +9,7 @@
 Each config is a list of overrides on benchmarks/common.py's BASE (random-weight preset, a few steps,
 synthetic text long enough to fill every row). For each config the harness
 writes the resolved job YAML, runs the trainer (plain python on 1 GPU,
-``deepspeed --num_gpus N --module orchestrator.train`` with NCCL_NVLS_ENABLE=0
+orch's launcher, ``python -m orchestrator.launch --nproc-per-node N``, with NCCL_NVLS_ENABLE=0
 on more), reads ``<output_dir>/summary.json`` (peak_allocated_bytes: max over
 ranks of torch.cuda.max_memory_allocated during training) and compares with
 

@@ -16,10 +16,7 @@ not run; `load` says so when the world size differs.
 from __future__ import annotations
 
 import json
-import os
 import random
-import sys
-import time
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import Exit, OrchError
+from orchestrator.faults import NO_FAULTS, Faults
 
 MARKER = "COMPLETE"
 
@@ -89,12 +87,13 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, client_state: dict, rank: int, world: int, strategy: str,
-         barrier: Callable[[], None], exclude_frozen: bool) -> Path:
+         barrier: Callable[[], None], exclude_frozen: bool, faults: Faults = NO_FAULTS) -> Path:
     """Write checkpoint ``step`` on every rank; returns its folder. Collective: all ranks call it.
 
     ``exclude_frozen`` (lora/qlora) leaves the frozen base weights out: resume rebuilds
     them exactly as the first start did (same seed, or the same pretrained folder), so
     saving them would only cost disk (about 40 GiB per checkpoint for a 70B QLoRA job).
+    ``faults``: the test seam (orchestrator/faults.py), called between the files and the marker.
     """
     tag = tag_for(step)
     path = root / tag
@@ -106,7 +105,7 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=exclude_frozen)
     torch.save(rng_state(), path / f"rng_rank{rank}.pt")
-    _test_pause_in_save(step)
+    faults.in_save(step)
     barrier()  # every rank's files are on disk
     if rank == 0:
         tmp = path / (MARKER + ".tmp")
@@ -114,17 +113,6 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
         tmp.replace(path / MARKER)
     barrier()
     return path
-
-
-def _test_pause_in_save(step: int) -> None:
-    """TEST-ONLY fault injection: ``ORCH_TEST_PAUSE_IN_SAVE=<step>`` sleeps here, after this
-    rank's files are written and before ``COMPLETE``, so a test can SIGKILL the trainer
-    mid-save deterministically (tests/reliability/test_runtime_faults.py::
-    test_kill9_during_checkpoint_write_resumes_exactly). Unset in real runs."""
-    want = os.environ.get("ORCH_TEST_PAUSE_IN_SAVE")
-    if want and want == str(step):
-        print(f"ORCH_TEST_PAUSE_IN_SAVE: paused in save of step {step}", file=sys.stderr, flush=True)
-        time.sleep(600)
 
 
 def load(engine, info: CheckpointInfo, rank: int, world: int, strict: bool) -> dict:

@@ -1,6 +1,7 @@
 """`orch`: plan, compile and launch finetuning jobs.
 
-Each subcommand imports only what it needs, so `orch plan` never imports torch.
+Each subcommand imports only what it needs, so `orch plan` never imports torch (orchestrator.train,
+whose flags `orch train` takes, imports the torch side only when it trains).
 Errors are one line on stderr with a named exit code (orchestrator.errors); `--debug` shows the traceback.
 """
 
@@ -13,6 +14,7 @@ import select
 import sys
 from typing import Callable, Optional, Sequence
 
+from orchestrator import train
 from orchestrator.errors import Exit, OrchError, format_error, print_error
 
 
@@ -132,14 +134,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
     job = _load(args, for_training=not args.dry_run)
-    options = submit.SubmitOptions(dry_run=args.dry_run, local=args.local, resume=args.resume)
+    options = submit.SubmitOptions(dry_run=args.dry_run, local=args.local, resume=args.resume, restart=args.restart)
     return submit.submit(_compile(job, args), options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator import train
-
-    return train.run(args.job, args.overrides, args.ds_config, args.resume)
+    return train.run(train.TrainOptions.from_args(args))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -210,15 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     _compile_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan summary and the script, submit nothing")
-    p.add_argument("--local", action="store_true", help="run the trainer on this machine through the deepspeed launcher (GPUs if present, else CPU)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
+    p.add_argument("--local", action="store_true", help="run the trainer on this machine through orch's launcher (GPUs if present, else CPU)")
+    train.add_run_folder_arguments(p)
 
     p = add("train", cmd_train, "run the trainer in this process (what the launcher runs on each rank)",
             "orch train slurm/tiny.job.yaml --ds-config ds_configs/tiny.json")
     _job_args(p)
-    p.add_argument("--ds-config", help="DeepSpeed JSON (default: built from the job's plan)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_arguments(p)
 
     p = add("export", cmd_export, "write a run's latest complete checkpoint as a Hugging Face model folder (LoRA/QLoRA "
             "merged into the base; no orch or PEFT needed to load it)", "orch export runs/tiny --out runs/tiny-hf")

@@ -102,7 +102,7 @@ def build_ds_config(job: JobSpec, strategy: str, shape: ModelShape, total_steps:
     defaults to ``training.max_steps``. Jobs given in epochs only know it once
     the data is tokenized, so their compiled file holds the placeholder 1 (JSON
     has no comments to say so); the trainer, having counted the steps, replaces
-    that file's scheduler block before DeepSpeed reads it (``Trainer.ds_config``).
+    that file's scheduler block before DeepSpeed reads it (``recipe.setup_ds_config``).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")

@@ -4,7 +4,7 @@ On one GPU without offload DeepSpeed's ZeRO stage 0 engine buys nothing but cost
 time per micro step (measured on an H100, issue 16: 6 % for QLoRA 8B at micro
 batch 4, 31 % for LoRA at micro batch 1). PlainEngine does the same arithmetic
 with plain PyTorch and exposes exactly the part of DeepSpeed's engine API that
-orch's trainer (``orchestrator/train.py``) and checkpointing
+orch's trainer (``orchestrator/recipe.py``) and checkpointing
 (``orchestrator/checkpoint.py``) call, so it drops in where
 ``deepspeed.initialize`` was::
 

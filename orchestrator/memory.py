@@ -6,7 +6,7 @@ the model, what must fit on the GPU (peak + allocator slack + CUDA/NCCL
 context), and the host RAM / NVMe bytes per node for offload strategies.
 
 Everything is integer bytes, computed by one small pure function per
-component. Each docstring says what the trainer (``orchestrator.train`` /
+component. Each docstring says what the trainer (``orchestrator/recipe.py`` /
 ``modeling.py``) and DeepSpeed actually allocate and why. Empirical numbers
 live in ONE place, :class:`Calibration`, so they can be re-fitted on GPU
 measurements (``benchmarks/memory_accuracy.py --from-results``).

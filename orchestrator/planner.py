@@ -600,6 +600,17 @@ def resolve(job: JobSpec) -> tuple[str, JobSpec]:
     return strategy, with_knobs(job, picked.micro_batch_size, picked.gradient_checkpointing)
 
 
+def next_strategy(job: JobSpec, strategy: str) -> Optional[str]:
+    """The strategy to try after ``strategy`` ran out of GPU memory: the first later one in the plan's
+    order (each later one saves more memory) that fits, else the next valid one; None when ``strategy``
+    is the last. The trainer's out-of-memory message names it."""
+    cands = plan(job).candidates
+    names = [c.strategy for c in cands]
+    later = cands[names.index(strategy) + 1:] if strategy in names else []
+    fitting = [c.strategy for c in later if c.fits]
+    return (fitting or [c.strategy for c in later] or [None])[0]
+
+
 # ---------------------------------------------------------------------------
 # Output
 

@@ -2,15 +2,19 @@
 
 `orch submit` runs them before sbatch (and before the local launcher), and the
 trainer runs them again at start (the job may run on a node that sees another
-file system). Pure Python, no torch: `checkpoint_bytes` is integer arithmetic on
-the spec and the model shape, like the memory model it borrows from.
+file system, and later). They also decide what happens to a run already in the
+output dir (`check_run_folder`, `move_run_aside`). Pure Python, no torch:
+`checkpoint_bytes` is integer arithmetic on the spec and the model shape, like
+the memory model it borrows from.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from orchestrator import memory
 from orchestrator.catalog import GIB
@@ -70,3 +74,48 @@ def check_output_dir(out: Path, need: int) -> None:
     if free < need:
         raise PreflightError(f"{field}: {str(probe)!r} has {free / GIB:.1f} GiB free, one checkpoint of this job "
                              f"needs {need / GIB:.1f} GiB")
+
+
+# ---------------------------------------------------------------------------
+# a run already in the output dir
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")
+"""Entries of an output dir that show it holds a run."""
+KEPT_ON_RESTART = ("logs", "previous", "data_cache")
+"""Entries --restart leaves in place: Slurm's logs (the running job's own among them), the runs
+moved aside before, and the tokenized-data cache (keyed by its inputs, so still right)."""
+
+
+def run_files(out: Path) -> list[str]:
+    """The entries of ``out`` that show it holds a run (none: it holds no run)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_run_folder(out: Path, resume: bool, restart: bool) -> None:
+    """An output dir that holds a run is used only when asked how: --resume continues it, --restart
+    moves it aside (`move_run_aside`). Without either it is refused, so a second start never silently
+    trains from step 0 over the first run's checkpoints, metrics and wandb run."""
+    found = run_files(out)
+    if found and not (resume or restart):
+        raise OrchError(f"training.output_dir: {str(out)!r} holds a run ({', '.join(found)}); continue it with "
+                        f"--resume, or start afresh with --restart (moves it to {str(out / 'previous')!r})",
+                        Exit.BAD_SPEC)
+
+
+def move_run_aside(out: Path, now: datetime.datetime) -> Optional[Path]:
+    """--restart: move what the previous run in ``out`` left (everything but `KEPT_ON_RESTART`) into
+    ``out/previous/<UTC time>/`` and return that folder; None when there was nothing to move.
+    Nothing is deleted."""
+    entries = [p for p in sorted(out.iterdir()) if p.name not in KEPT_ON_RESTART] if out.is_dir() else []
+    if not entries:
+        return None
+    stamp = now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = out / "previous" / stamp
+    n = 1
+    while target.exists():  # two restarts within a second
+        target = out / "previous" / f"{stamp}-{n}"
+        n += 1
+    target.mkdir(parents=True)
+    for entry in entries:
+        entry.rename(target / entry.name)
+    return target

@@ -11,23 +11,30 @@ How a job runs (multi-node is the normal case)::
 
     batch shell (node 0)
       setup lines; rendezvous = first host of the allocation, port from the job id
-      writes a DeepSpeed hostfile "<host> slots=<gpus_per_node>" per node
-      srun: one task per node ──> bash: ignore USR1, exec
-          python -m deepspeed.launcher.runner --no_ssh --hostfile H --num_nodes N
-                 --node_rank $SLURM_NODEID --num_gpus G --master_addr A --master_port P
-                 --module orchestrator.train --job JOB.yaml --ds-config X.json [--resume]
-            └─ deepspeed.launcher.launch ──> G trainer ranks (python -m orchestrator.train)
+      srun: one task per node ──> bash: ignore USR1, TERM, INT
+          python -m orchestrator.launch --nnodes N --node-rank $SLURM_NODEID
+                 --nproc-per-node G --master-addr A --master-port P --module orchestrator.train
+                 -- --job JOB.yaml --ds-config X.json [--resume|--restart]
+            └─ G trainer ranks (python -m orchestrator.train ...)
 
 Checkpoint before the time limit: ``--signal=B:USR1@<signal_seconds>`` sends
 SIGUSR1 to the batch shell only. Its trap forwards SIGUSR1 to srun, which
-delivers it to every process of the step on every node. The launcher processes
-(runner, launch) inherit SIG_IGN for USR1 from the task shell, so they keep
-running; each trainer rank installs its own SIGUSR1 handler (which replaces the
-inherited SIG_IGN), saves a checkpoint at the next step boundary and exits with
-status 75 (errors.Exit.REQUEUE); the node task turns that into a mark file (and exit 0, so that
-srun's --kill-on-bad-exit leaves the other nodes alone); the batch shell sees
-the mark when srun ends, runs ``scontrol requeue`` and the rerun (SLURM_RESTART_COUNT > 0) passes ``--resume``. A
-trainer that finished all its steps before the signal exits 0: no requeue.
+delivers it to every process of the step on every node. The node task shell
+ignores it (``trap ""``); orch's launcher (orchestrator/launch.py) forwards it
+to its ranks and keeps waiting; each trainer rank saves a checkpoint at the next
+step boundary and exits with status 75 (errors.Exit.REQUEUE); the launcher exits
+75, the node task turns that into a mark file (and exit 0, so that srun's
+--kill-on-bad-exit leaves the other nodes alone); the batch shell sees the mark
+when srun ends, runs ``scontrol requeue`` and the rerun (SLURM_RESTART_COUNT >
+0) passes ``--resume``. A trainer that finished all its steps before the signal
+exits 0: no requeue. SIGTERM (preemption, the time limit, ``scancel
+--signal=TERM``) takes the same path: the batch shell forwards it too and keeps
+waiting, the node shell ignores it, the launcher forwards it (DeepSpeed's
+launcher, used before, killed its ranks on TERM and exited 1).
+
+The script's one optional argument (``sbatch SCRIPT --resume|--restart``, what `orch submit
+--resume|--restart` passes) goes to the trainer on the first run: what to do with a run already in
+the output dir, which the trainer refuses otherwise.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ class SbatchPaths:
     ds_config: str
     """The DeepSpeed JSON the trainer passes to deepspeed.initialize."""
     log_dir: str
-    """Folder for the Slurm log (stdout and stderr of the batch script), the DeepSpeed hostfile and the requeue mark.
+    """Folder for the Slurm log (stdout and stderr of the batch script) and the requeue mark.
     Must be on a file system shared by all nodes; `orch submit` creates it."""
     python: str = "python3"
     """Python interpreter that has orch and DeepSpeed installed, as found after the setup lines."""
@@ -84,7 +91,7 @@ def sbatch_options(job: JobSpec, paths: SbatchPaths) -> list[str]:
     log = q(log_file_pattern(job, paths))
     opts = [
         f"--nodes={hw.nodes}",
-        "--ntasks-per-node=1",  # one deepspeed launcher per node; it starts one rank per GPU
+        "--ntasks-per-node=1",  # one orch launcher per node; it starts one rank per GPU
         f"--gpus-per-node={hw.gpus_per_node}",
         f"--cpus-per-task={hw.cpus_per_node}",
         f"--mem={mem_mib(job)}M",
@@ -130,17 +137,16 @@ def environment(job: JobSpec) -> list[tuple[str, str]]:
 
 # The per-node task. A constant string: spec values reach it only through the
 # ORCH_* variables exported by the batch shell (srun passes the environment), so
-# nothing in a spec is ever parsed as shell code here. `trap "" USR1` makes the
-# launcher processes ignore the checkpoint signal (SIG_IGN survives exec and
-# fork); the trainer ranks install their own handler.
+# nothing in a spec is ever parsed as shell code here. `trap "" USR1 TERM INT`
+# keeps this shell alive through the stop signals (Slurm sends them to every process of
+# the step), so that it can leave the requeue mark; orch's launcher installs its own
+# handlers (they replace the inherited SIG_IGN) and forwards the signals to the ranks.
 _NODE_TASK = (
-    'trap "" USR1; '
-    '"$ORCH_PYTHON" -u -m deepspeed.launcher.runner '
-    '--hostfile "$ORCH_HOSTFILE" --no_ssh '
-    '--num_nodes "$SLURM_JOB_NUM_NODES" --node_rank "$SLURM_NODEID" '
-    '--num_gpus "$ORCH_GPUS_PER_NODE" '
-    '--master_addr "$ORCH_MASTER_ADDR" --master_port "$ORCH_MASTER_PORT" '
-    '--module "$ORCH_MODULE" --job "$ORCH_JOB_YAML" --ds-config "$ORCH_DS_CONFIG" ${ORCH_RESUME:+--resume}; '
+    'trap "" USR1 TERM INT; '
+    '"$ORCH_PYTHON" -u -m orchestrator.launch '
+    '--nnodes "$SLURM_JOB_NUM_NODES" --node-rank "$SLURM_NODEID" --nproc-per-node "$ORCH_GPUS_PER_NODE" '
+    '--master-addr "$ORCH_MASTER_ADDR" --master-port "$ORCH_MASTER_PORT" --module "$ORCH_MODULE" '
+    '-- --job "$ORCH_JOB_YAML" --ds-config "$ORCH_DS_CONFIG" ${ORCH_RUN_FLAG:+"$ORCH_RUN_FLAG"}; '
     # Exit.REQUEUE = checkpoint written, requeue me: leave a mark and exit 0, so that
     # srun --kill-on-bad-exit does not kill the other nodes while they save.
     f'rc=$?; if [ "$rc" -eq {int(Exit.REQUEUE)} ]; then : > "$ORCH_REQUEUE_MARK"; rc=0; fi; exit "$rc"'
@@ -186,25 +192,31 @@ def render_sbatch(job: JobSpec, strategy: str, paths: SbatchPaths) -> str:
         f"ORCH_MASTER_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
         "export ORCH_MASTER_ADDR ORCH_MASTER_PORT",
         "",
-        "# The deepspeed runner needs a hostfile for --num_nodes > 1, even with --no_ssh.",
-        'mkdir -p "$ORCH_LOG_DIR"',
-        'export ORCH_HOSTFILE="$ORCH_LOG_DIR/hostfile-$SLURM_JOB_ID"',
-        'scontrol show hostnames "$SLURM_JOB_NODELIST" | while read -r host; do',
-        '  echo "$host slots=$ORCH_GPUS_PER_NODE"',
-        'done > "$ORCH_HOSTFILE"',
-        "",
-        "# A requeued run continues from the latest complete checkpoint.",
-        'if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then export ORCH_RESUME=1; else unset ORCH_RESUME; fi',
+        "# A run already in the output dir: the script's argument says what to do with it (orch submit",
+        "# --resume or --restart; without one the trainer refuses it); a requeued run resumes its own.",
+        'case "${1:-}" in',
+        '  ""|--resume|--restart) ;;',
+        '  *) echo "orch: this script takes --resume or --restart, not ${1}" >&2; exit 2 ;;',
+        "esac",
+        'if [[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then ORCH_RUN_FLAG=--resume; else ORCH_RUN_FLAG=${1:-}; fi',
+        "export ORCH_RUN_FLAG",
         "",
         "# Before the time limit Slurm sends USR1 to this shell: forward it to the",
         "# trainer ranks (through srun), let them checkpoint and exit, then requeue.",
+        "# TERM (preemption, the time limit, kill) is forwarded the same way, and this",
+        "# shell keeps waiting for the ranks instead of ending the job under them.",
         "orch_preempted=0",
         "orch_on_usr1() {",
         "  orch_preempted=1",
         '  echo "orch: USR1 received, asking the trainer to checkpoint" >&2',
         '  kill -USR1 "$orch_srun_pid" 2>/dev/null || true',
         "}",
+        "orch_on_term() {",
+        '  echo "orch: TERM received, asking the trainer to checkpoint" >&2',
+        '  kill -TERM "$orch_srun_pid" 2>/dev/null || true',
+        "}",
         "trap orch_on_usr1 USR1",
+        "trap orch_on_term TERM",
         "",
         'echo "orch: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s), master $ORCH_MASTER_ADDR:$ORCH_MASTER_PORT, restart ${SLURM_RESTART_COUNT:-0}" >&2',
         # --kill-on-bad-exit: one failed node ends the step instead of leaving the others waiting.
@@ -216,8 +228,7 @@ def render_sbatch(job: JobSpec, strategy: str, paths: SbatchPaths) -> str:
         '  orch_rc=0; wait "$orch_srun_pid" || orch_rc=$?',
         '  kill -0 "$orch_srun_pid" 2>/dev/null || break',
         "done",
-        'rm -f "$ORCH_HOSTFILE"',
-        f"# A trainer that wrote a checkpoint on USR1/TERM exits {int(Exit.REQUEUE)}; its node task left the mark.",
+        f"# A trainer that wrote a checkpoint on a stop signal exits {int(Exit.REQUEUE)}; its node task left the mark.",
         'if [[ -f "$ORCH_REQUEUE_MARK" ]]; then',
         '  rm -f "$ORCH_REQUEUE_MARK"',
         '  echo "orch: checkpoint written (USR1 received: $orch_preempted); requeueing job $SLURM_JOB_ID" >&2',

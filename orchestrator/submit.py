@@ -8,10 +8,13 @@
   prints the Slurm job id and the log path.
 * ``--dry-run``: compile in memory and print the plan summary and the script;
   nothing is written or submitted.
-* ``--local``: compile, then run the same trainer on this machine through the
-  deepspeed launcher with ``--num_gpus hardware.gpus_per_node``: GPU ranks when
-  CUDA is there, else that many CPU processes (DeepSpeed picks its CPU
-  accelerator by itself).
+* ``--local``: compile, then run the same trainer on this machine through orch's
+  launcher (orchestrator/launch.py) with ``hardware.gpus_per_node`` ranks: GPU
+  ranks when CUDA is there, else that many CPU processes (DeepSpeed picks its
+  CPU accelerator by itself). A stop signal (Ctrl-C, SIGTERM, SIGUSR1) makes the
+  ranks checkpoint and exit 75, and `orch submit` with them.
+* An output dir that holds a run is refused before anything is submitted unless
+  ``--resume`` or ``--restart`` says what to do with it (preflight.check_run_folder).
 
 Secrets (WANDB_API_KEY, HF_TOKEN) are never written anywhere: sbatch passes the
 submitting environment to the job (Slurm's default --export=ALL), and the local
@@ -33,6 +36,7 @@ from typing import Optional
 
 from orchestrator.compiler import Compiled
 from orchestrator.errors import Exit, OrchError
+from orchestrator.launch import LaunchSpec, launch
 from orchestrator.spec import JobSpec
 
 
@@ -43,9 +47,16 @@ class SubmitOptions:
     dry_run: bool = False
     """Print the plan summary and the script; write and submit nothing."""
     local: bool = False
-    """Train on this machine through the deepspeed launcher instead of sbatch."""
+    """Train on this machine through orch's launcher instead of sbatch."""
     resume: bool = False
-    """--local: continue from the latest complete checkpoint (a Slurm requeue resumes by itself)."""
+    """Continue the run in the output dir from its latest complete checkpoint (a Slurm requeue resumes by itself)."""
+    restart: bool = False
+    """Move the run in the output dir aside (the trainer does it when it starts) and train from step 0."""
+
+    @property
+    def run_flags(self) -> list[str]:
+        """The trainer's flag for a run already in the output dir (the batch script's argument)."""
+        return ["--resume"] if self.resume else ["--restart"] if self.restart else []
 
 
 def _need(tool: str) -> str:
@@ -88,15 +99,15 @@ def submit(compiled: Compiled, options: SubmitOptions) -> int:
         print()
         print(compiled.sbatch, end="")
         return Exit.OK
-    preflight(compiled)
+    preflight(compiled, options)
     if options.local:
-        return run_local(compiled, resume=options.resume)
+        return run_local(compiled, options)
     from orchestrator import compiler
 
     _need("sbatch")
     compiler.write(compiled)
     Path(compiled.paths.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it
-    out = _run_slurm(["sbatch", "--parsable", str(compiled.files["sbatch"])])
+    out = _run_slurm(sbatch_command(compiled, options))
     job_id = out.strip().split(";")[0]
     from orchestrator.slurm import log_file
 
@@ -105,26 +116,36 @@ def submit(compiled: Compiled, options: SubmitOptions) -> int:
     return Exit.OK
 
 
-def preflight(compiled: Compiled) -> None:
-    """The output dir is writable and has room for a checkpoint: fail here, not after the queue wait."""
+def preflight(compiled: Compiled, options: SubmitOptions) -> None:
+    """The output dir is writable, has room for a checkpoint, and holds no run unless --resume or
+    --restart says what to do with it: fail here, not after the queue wait."""
     from orchestrator import preflight as P
 
-    P.check_output_dir(compiled.job.output_dir(), P.checkpoint_bytes(compiled.job, compiled.strategy))
+    out = compiled.job.output_dir()
+    P.check_output_dir(out, P.checkpoint_bytes(compiled.job, compiled.strategy))
+    P.check_run_folder(out, options.resume, options.restart)
 
 
-def local_command(compiled: Compiled, resume: bool, port: int) -> list[str]:
-    """The deepspeed launcher command for a one-node run here (argv, no shell)."""
-    hw = compiled.job.hardware
-    cmd = [
-        compiled.paths.python, "-u", "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(hw.gpus_per_node), "--master_port", str(port),
-        "--module", compiled.paths.module,
-        "--job", str(compiled.files["job_yaml"]), "--ds-config", str(compiled.files["ds_config"]),
-    ]
-    return cmd + (["--resume"] if resume else [])
+def sbatch_command(compiled: Compiled, options: SubmitOptions) -> list[str]:
+    """sbatch's argv: the batch script takes --resume or --restart as its argument and passes it to
+    the trainer (a requeued run passes --resume instead)."""
+    return ["sbatch", "--parsable", str(compiled.files["sbatch"]), *options.run_flags]
 
 
-def run_local(compiled: Compiled, resume: bool) -> int:
+def local_launch(compiled: Compiled, options: SubmitOptions, port: int) -> LaunchSpec:
+    """orch's launcher for a one-node run here: one rank per hardware.gpus_per_node (GPU ranks with
+    CUDA, else CPU processes)."""
+    return LaunchSpec(
+        nproc_per_node=compiled.job.hardware.gpus_per_node, module=compiled.paths.module, master_port=port,
+        python=compiled.paths.python,
+        args=("--job", str(compiled.files["job_yaml"]), "--ds-config", str(compiled.files["ds_config"]),
+              *options.run_flags))
+
+
+def run_local(compiled: Compiled, options: SubmitOptions) -> int:
+    """Train here: the ranks run under orch's launcher in this process, so a stop signal to `orch
+    submit` (Ctrl-C, kill) reaches them as a request to checkpoint. Returns Exit.REQUEUE when they
+    stopped that way."""
     from orchestrator import compiler
 
     if compiled.job.hardware.nodes != 1:
@@ -132,12 +153,11 @@ def run_local(compiled: Compiled, resume: bool) -> int:
                         Exit.BAD_SPEC)
     compiler.write(compiled)
     # A port per process id: two local runs do not collide, and no socket probing.
-    port = 29500 + os.getpid() % 1000
-    cmd = local_command(compiled, resume, port)
-    print("running: " + " ".join(cmd), file=sys.stderr)
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        raise OrchError(f"training failed (launcher exit status {rc}); see the output above", Exit.TRAIN_FAILED)
+    code = launch(local_launch(compiled, options, 29500 + os.getpid() % 1000))
+    if code == Exit.REQUEUE:  # the trainer said where it stopped and how to continue
+        return Exit.REQUEUE
+    if code != 0:
+        raise OrchError(f"training failed (exit status {code}); see the output above", Exit.TRAIN_FAILED)
     return Exit.OK
 
 

@@ -23,7 +23,8 @@ def wait_for_job(job_id: str, env: dict, timeout: float) -> str:
     raise AssertionError(f"job {job_id} still {state or 'unknown'} after {timeout} s")
 
 
-def sbatch(script: Path, env: dict, cwd: Path) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env, cwd=cwd)
+def sbatch(script: Path, env: dict, cwd: Path, *script_args: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", str(script), *script_args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]

@@ -1,6 +1,6 @@
-"""A stand-in for the trainer under the real deepspeed launcher (tests only).
+"""A stand-in for the trainer under orch's launcher (tests only).
 
-Run as ``python -m _orch_launch_probe --job JOB.yaml --ds-config X.json [--resume] [--local_rank=N]``,
+Run as ``python -m _orch_launch_probe --job JOB.yaml --ds-config X.json [--resume|--restart] [--local_rank=N]``,
 exactly like orchestrator.train. It does a real torch.distributed gloo
 all-reduce over all ranks and writes what it saw to
 ``<training.output_dir>/probe/run<restart>-rank<r>.json``. With
@@ -27,6 +27,7 @@ def main() -> int:
     p.add_argument("--job", required=True)
     p.add_argument("--ds-config", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--restart", action="store_true")
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
 

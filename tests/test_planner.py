@@ -291,3 +291,24 @@ def test_every_printed_suggestion_validates_and_fits():
     # The variants do exercise suggestions: 146 of the 300 print one (counted when this test was written;
     # before the fix, 10 of the 154 printed then did not validate or did not fit).
     assert checked >= 100
+
+
+def test_next_strategy_is_the_first_later_one_that_fits():
+    """The out-of-memory hint: strategies come in the plan's order (each later one saves more memory)."""
+    def fits(job) -> dict[str, bool]:
+        return {c.strategy: c.fits for c in planner.plan(job).candidates}
+
+    # 2 x H100: zero2 needs 106.1 GiB per GPU, zero3 74.2 of 75.7 usable (the README's table)
+    h100 = load("llama8b_full_2x80.yaml")
+    assert fits(h100) == {"zero2": False, "zero3": True, "zero3_offload_optimizer": True, "zero3_offload_all": True}
+    assert planner.next_strategy(h100, "zero2") == "zero3"
+    assert planner.next_strategy(h100, "zero3") == "zero3_offload_optimizer"
+    assert planner.next_strategy(h100, "zero3_offload_all") is None  # no NVMe path: nothing saves more
+    # 2 x A100-40GB: zero3's 74.2 GiB does not fit either, so the hint skips it
+    a100 = load("llama8b_full_2x80.yaml", "hardware.gpu=A100-40GB")
+    assert fits(a100) == {"zero2": False, "zero3": False, "zero3_offload_optimizer": True, "zero3_offload_all": True}
+    assert planner.next_strategy(a100, "zero2") == "zero3_offload_optimizer"
+    # nothing later fits (2 x 4 GiB): the next valid one
+    tiny = load("llama8b_full_2x80.yaml", "hardware.gpu=null", "hardware.gpu_memory_gb=4")
+    assert not any(fits(tiny).values())
+    assert planner.next_strategy(tiny, "zero2") == "zero3"

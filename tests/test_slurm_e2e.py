@@ -1,5 +1,5 @@
 """End to end: `orch submit` really trains on the local 2-node Slurm cluster, and
-`orch submit --local` through the deepspeed launcher on this machine.
+`orch submit --local` through orch's launcher on this machine.
 
 What each rank of the launch saw (node, local rank, rendezvous, argv) is checked with a gloo
 probe as the ranks in tests/test_slurm_launch.py and test_local_launch_runs_ranks_on_cpu below;
@@ -41,8 +41,9 @@ def test_submit_tiny_two_nodes_trains_to_the_last_step(slurm_env, tmp_path):
     state = wait_for_job(job_id, env, timeout=900)
     text = log.read_text()
     assert state == "COMPLETED", text[-5000:]
-    # The deepspeed launcher ran under srun on both nodes (its runner logs the launch command per node).
-    assert text.count("deepspeed.launcher.launch") >= 2, text[-5000:]
+    # orch's launcher ran under srun on both nodes (each logs the ranks it starts).
+    assert "orch launch: node 0 of 2: ranks 0-0 of 2" in text and "orch launch: node 1 of 2: ranks 1-1 of 2" in text, \
+        text[-5000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["world_size"] == 2  # tiny.yaml: max_steps 30; 2 nodes x 1 GPU
     steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -68,8 +69,8 @@ def test_submit_local_tiny_two_cpu_processes(tmp_path):
 
 @pytest.mark.slow
 def test_local_launch_runs_ranks_on_cpu(tmp_path, monkeypatch):
-    """`--local`'s launcher command (deepspeed runner, --num_gpus = gpus_per_node, no CUDA here ->
-    CPU processes) with the gloo probe as the ranks."""
+    """`--local`'s launch (orch's launcher, gpus_per_node ranks, no CUDA here -> CPU processes) with
+    the gloo probe as the ranks."""
     monkeypatch.chdir(REPO)
     job = load_job("jobs/tiny.yaml", ["strategy=zero2", "hardware.gpus_per_node=2", f"training.output_dir={tmp_path}/run"])
     compiled = compiler.build(job, tmp_path / "out")
@@ -78,7 +79,7 @@ def test_local_launch_runs_ranks_on_cpu(tmp_path, monkeypatch):
     shutil.copy(REPO / "tests" / "launch_probe.py", probe_dir / "_orch_launch_probe.py")
     compiled = dataclasses.replace(compiled, paths=dataclasses.replace(compiled.paths, module="_orch_launch_probe"))
     monkeypatch.setenv("PYTHONPATH", f"{REPO}:{probe_dir}")
-    assert submit.run_local(compiled, resume=False) == 0
+    assert submit.run_local(compiled, submit.SubmitOptions(local=True)) == 0
     ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "probe").glob("run0-rank*.json"))]
     assert [(r["rank"], r["local_rank"], r["world_size"]) for r in ranks] == [(0, 0, 2), (1, 1, 2)]
     assert {r["allreduce_sum"] for r in ranks} == {3.0}
@@ -89,7 +90,7 @@ def test_local_refuses_multi_node(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     job = load_job("jobs/tiny.yaml", ["strategy=zero2", "hardware.nodes=2"])
     with pytest.raises(OrchError, match="hardware.nodes=1"):
-        submit.run_local(compiler.build(job, tmp_path), resume=False)
+        submit.run_local(compiler.build(job, tmp_path), submit.SubmitOptions(local=True))
     assert list(tmp_path.iterdir()) == []
 
 

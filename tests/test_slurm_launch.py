@@ -1,5 +1,5 @@
 """Multi-node launch on the real local Slurm cluster: sbatch -> srun (one task per node)
--> deepspeed launcher (--no_ssh, hostfile, node_rank) -> ranks doing a real gloo all-reduce.
+-> orch's launcher (node rank, rendezvous) -> ranks doing a real gloo all-reduce.
 
 The ranks run tests/launch_probe.py instead of orchestrator.train; everything else is the
 generated script as is. The probe writes down what each rank saw (rank, local rank, SLURM_NODEID,
@@ -73,17 +73,18 @@ def test_two_nodes_two_ranks_each_allreduce(slurm_env, tmp_path):
     assert {r["nccl_nvls_enable"] for r in ranks} == {"0"}
     assert all(r["resume"] is False for r in ranks)
     assert all(r["argv"][-4:] == ["--job", compiled.paths.job_yaml, "--ds-config", compiled.paths.ds_config] for r in ranks)
-    assert "ssh" not in script.read_text().replace("--no_ssh", "")
+    assert "ssh" not in script.read_text()
 
 
 def test_usr1_reaches_ranks_and_exit_requeue_requeues(slurm_env, tmp_path):
     """Slurm's pre-timeout USR1 (sent here at once with scancel --batch) -> batch trap -> srun -> ranks;
-    the launchers ignore it; ranks exiting Exit.REQUEUE make the job requeue and the rerun gets --resume.
+    the launchers pass it on; ranks exiting Exit.REQUEUE make the job requeue and the rerun gets --resume.
+    The script's argument (--restart, as `orch submit --restart` passes it) reaches the first run only.
     The probe writes no checkpoint (test_slurm_e2e.py shows the trainer's)."""
     compiled, script = compile_with_probe(tmp_path, ["strategy=zero2", "hardware.nodes=2"])
     env = probe_env(slurm_env, tmp_path)
     env["ORCH_PROBE_WAIT_USR1"] = "1"
-    job_id = sbatch(script, env, tmp_path)
+    job_id = sbatch(script, env, tmp_path, "--restart")  # what `orch submit --restart` passes
     run = tmp_path / "run"
     deadline = time.monotonic() + 180
     while len(read_ranks(run, 0)) < 2:
@@ -103,4 +104,6 @@ def test_usr1_reaches_ranks_and_exit_requeue_requeues(slurm_env, tmp_path):
     # the batch shell saw USR1, found the requeue mark the node tasks left for that exit code, and requeued
     assert f"(USR1 received: 1); requeueing job {job_id}" in log, log[-4000:]
     assert "restart 1" in log, log[-4000:]
-    assert all(r["resume"] is True and "--resume" in r["argv"] for r in read_ranks(run, 1))
+    # the script's argument reached the first run's ranks; the requeued run resumes instead
+    assert all(r["argv"][-1] == "--restart" and r["resume"] is False for r in read_ranks(run, 0))
+    assert all(r["resume"] is True and "--resume" in r["argv"] and "--restart" not in r["argv"] for r in read_ranks(run, 1))

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from orchestrator import checkpoint as C
+from orchestrator import memory, report
 from orchestrator import train as T
+from orchestrator.catalog import GIB
 from orchestrator.errors import Exit
 from orchestrator.spec import load_job
 from tests.train_helpers import tiny_job
@@ -49,20 +51,30 @@ def test_no_warmup_starts_at_peak_lr(tmp_path, schedule, kind):
 def test_oom_message_names_prediction_use_and_next_strategy(tmp_path):
     job = load_job(tiny_job(tmp_path, "oom", hardware={"gpus_per_node": 2}, strategy="zero2",
                             training={"global_batch_size": 8}))
-    assert T.next_strategy(job, "zero2") == "zero3"
-    assert T.next_strategy(job, "zero3_offload_all") is None  # no NVMe path: nothing saves more
-    trainer = T.Trainer(job, "zero2", None, False)
-    # what setup() would have set; on this CPU there is no CUDA allocator to ask
-    import torch
+    predicted = memory.estimate(job, "zero2").peak_allocated
+    # on the CPU there is no CUDA allocator to ask: used is None
+    assert report.oom_message(job, "zero2", rank=1, step=1, used=None) == (
+        f"out of GPU memory on rank 1 in step 1 with strategy zero2: predicted peak {predicted / GIB:.2f} GiB, "
+        "used unknown (max allocated); try strategy=zero3 (orch plan shows the options)")
+    used = 3 * GIB // 2
+    assert "used 1.50 GiB (max allocated)" in report.oom_message(job, "zero2", rank=1, step=1, used=used)
+    assert report.oom_message(job, "zero3_offload_all", rank=0, step=4, used=None).endswith(
+        "no larger-saving strategy left: lower training.micro_batch_size or data.seq_len, or add GPUs")
 
-    trainer.torch, trainer.cuda, trainer.rank = torch, False, 1
-    msg = trainer.oom_message()
-    assert msg.startswith("out of GPU memory on rank 1 in step 1 with strategy zero2: predicted peak ")
-    assert "try strategy=zero3" in msg and "\n" not in msg
+
+def test_one_definition_of_the_trainer_flags():
+    """`orch train JOB` and `python -m orchestrator.train --job JOB` (what launchers run) take the same flags."""
+    from orchestrator import cli
+
+    def flags(parser) -> set[str]:
+        return {o for a in parser._actions for o in a.option_strings} - {"-h", "--help"}
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["train"]
+    assert flags(T.module_parser()) - {"--job"} == flags(sub) >= {"--ds-config", "--resume", "--restart", "--local_rank"}
 
 
 def test_cli_accepts_launcher_local_rank_and_overrides():
-    args = T.build_parser().parse_args(["--local_rank=1", "--job", "j.yaml", "strategy=zero3", "--resume"])
+    args = T.module_parser().parse_args(["--local_rank=1", "--job", "j.yaml", "strategy=zero3", "--resume"])
     assert args.job == "j.yaml" and args.overrides == ["strategy=zero3"] and args.resume and args.local_rank == 1
 
 
@@ -78,3 +90,58 @@ def test_spec_error_prints_every_problem_with_the_prefix(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("orch: error: ") for line in lines), lines
     assert "training.micro_batch_size" in lines[0] and "training.lr" in lines[1]
+
+
+def _summary(predicted_peak: int) -> report.RunSummary:
+    return report.RunSummary(job="j", strategy="single_gpu", world_size=2, steps=2, engine="plain",
+                             compiled_variants=None, attention="sdpa", final_loss=1.0, tokens_per_s=1.0, device="cpu",
+                             load_peak_bytes=None, peak_allocated_bytes=None, cpu_rss_peak_bytes=None, load_seconds=1.0,
+                             predicted_peak_bytes=predicted_peak)
+
+
+def test_memory_plot_draws_like_with_like(tmp_path):
+    """Bug fixed: on the CPU memory.png drew the process RSS against orch's predicted GPU peak."""
+    none = {"mem_allocated": None, "mem_reserved": None, "mem_peak": None}
+    cpu = [{"step": s, "rank": r, **none, "cpu_rss": (r + 1) * GIB // 2} for s in (1, 2) for r in (0, 1)]
+    plot = report.memory_plot(cpu, _summary(predicted_peak=5 * GIB))
+    assert [(line.label, line.steps, line.gib) for line in plot.lines] == [
+        ("rank 0 process RSS", (1, 2), (0.5, 0.5)), ("rank 1 process RSS", (1, 2), (1.0, 1.0))]  # no prediction
+    assert plot.ylabel == "GiB of host memory (process RSS)" and "CPU run: no GPU memory" in plot.title
+    gpu = [{"step": 1, "rank": 0, "mem_allocated": GIB, "mem_peak": 2 * GIB, "mem_reserved": 3 * GIB, "cpu_rss": 7 * GIB}]
+    plot = report.memory_plot(gpu, _summary(predicted_peak=5 * GIB))
+    assert [(line.label, line.steps, line.gib) for line in plot.lines] == [
+        ("rank 0 allocated", (1,), (1.0,)), ("rank 0 peak", (1,), (2.0,)), ("rank 0 reserved", (1,), (3.0,)),
+        ("predicted peak (orch plan)", (), (5.0,))]
+    assert plot.ylabel == "GiB of GPU memory (torch allocator)"
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in cpu))
+    report.plot_memory(metrics, tmp_path / "memory.png", _summary(predicted_peak=5 * GIB))
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _DeadWandbRun:
+    """A wandb run whose service process is gone: every call raises what wandb's client raised then
+    (a real service cannot be made to die between two calls on cue, and wandb's own client may
+    swallow the first failures: tests/test_stop_signals.py runs the real thing)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def log(self, data, step):
+        self.calls += 1
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_a_failed_wandb_call_turns_wandb_off_and_metrics_go_on(tmp_path, capsys):
+    """Bug fixed: a wandb.log failing with ConnectionResetError ended the run."""
+    dead = _DeadWandbRun()
+    log = report.MetricsLog(tmp_path / "metrics.jsonl", dead)
+    for step in (1, 2, 3):
+        log.log(report.StepRecord(step=step, rank=0, loss=1.0, lr=None, tokens_per_s=None, mem_allocated=None,
+                                  mem_reserved=None, mem_peak=None, cpu_rss=1, time=0.0))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert dead.calls == 1 and log.wandb_run is None  # not asked again after the first failure
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == ["orch: warning: wandb log of step 1 failed (ConnectionResetError: [Errno 104] Connection "
+                        "reset by peer); logging to metrics.jsonl only from now on"]

@@ -1,7 +1,7 @@
 """Shared helpers for the trainer tests (tests/test_train_*.py).
 
-The runs are real: the trainer in a subprocess, 2-process runs through the real
-``deepspeed`` launcher (2 CPU processes, gloo). Models are tiny (hidden 64,
+The runs are real: the trainer in a subprocess, 2-process runs through orch's
+launcher (orchestrator/launch.py, what `orch submit` runs; 2 CPU processes, gloo). Models are tiny (hidden 64,
 2 layers, vocab 512) so a whole run takes seconds.
 """
 
@@ -17,8 +17,6 @@ from typing import Optional
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-DEEPSPEED = VENV_BIN / "deepspeed"
 
 # Lines of short, highly repetitive text: a tiny model's loss falls fast on it.
 SENTENCES = [
@@ -76,12 +74,12 @@ def env() -> dict:
 
 def run_trainer(job: Path, nprocs: int = 1, args: tuple[str, ...] = (), overrides: tuple[str, ...] = (),
                 timeout: int = 600, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run the trainer: plain python for 1 process, the deepspeed launcher for more."""
+    """Run the trainer: plain python for 1 process, orch's launcher for more."""
     if nprocs == 1:
         cmd = [sys.executable, "-m", "orchestrator.train", "--job", str(job), *args, *overrides]
     else:
-        cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_port()), "--module", "orchestrator.train",
-               "--job", str(job), *args, *overrides, f"hardware.gpus_per_node={nprocs}"]
+        cmd = [sys.executable, "-m", "orchestrator.launch", "--nproc-per-node", str(nprocs), "--master-port",
+               str(_port()), "--", "--job", str(job), *args, *overrides, f"hardware.gpus_per_node={nprocs}"]
     return subprocess.run(cmd, cwd=cwd or job.parent, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

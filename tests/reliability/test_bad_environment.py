@@ -92,7 +92,7 @@ def test_bad_data_refused_by_submit_before_sbatch(tmp_path: Path, kind: str, cap
     _one_line_error(_submit(tmp_path, *overrides), 2, *needles)
     assert _files(tmp_path / "gen") == [] and not (tmp_path / "run").exists()
     job = tiny_job(tmp_path, "t", training={"output_dir": str(tmp_path / "trainer_run")})
-    assert train.run(str(job), overrides, None, resume=False) == Exit.BAD_SPEC == 2
+    assert train.run(train.TrainOptions(job=str(job), overrides=tuple(overrides))) == Exit.BAD_SPEC == 2
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert not (tmp_path / "trainer_run").exists()

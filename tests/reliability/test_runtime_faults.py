@@ -6,10 +6,11 @@
 * a CUDA out-of-memory error inside a step: a one-line plan-vs-actual message,
   exit code 5, no traceback.
 
-The kill lands during a write deterministically through the test-only hook
-ORCH_TEST_PAUSE_IN_SAVE (orchestrator/checkpoint.py: sleeps after this rank's
-files are written, before COMPLETE); the OOM is injected through
-ORCH_TEST_RAISE_OOM_AT_STEP (orchestrator/train.py), because this machine has no GPU.
+The kill lands during a write deterministically, and the OOM is injected because this
+machine has no GPU: both run the real trainer through tests/fault_trainer.py, which gives it
+hooks at its test seams (orchestrator/faults.py): ``--pause-in-save 4`` sleeps after this rank's
+files of step 4 are written, before COMPLETE; ``--oom-at-step 3`` raises torch's CUDA
+out-of-memory error inside step 3.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ def test_kill9_during_checkpoint_write_resumes_exactly(tmp_path: Path) -> None:
 
     job = _job(tmp_path, "killed")
     out = out_dir(job)
-    e = env()
-    e["ORCH_TEST_PAUSE_IN_SAVE"] = "4"
     err_path = tmp_path / "killed.stderr"
     with err_path.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.train", "--job", str(job)], cwd=tmp_path,
-                                env=e, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fault_trainer", "--pause-in-save", "4", "--job", str(job)],
+                                cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=err)
         try:
             deadline = time.time() + 300
             while "paused in save of step 4" not in err_path.read_text():
@@ -82,9 +81,8 @@ def test_kill9_during_checkpoint_write_resumes_exactly(tmp_path: Path) -> None:
 
 def test_runtime_cuda_oom_is_one_line_plan_vs_actual_exit_5(tmp_path: Path) -> None:
     job = _job(tmp_path, "oom")
-    e_proc = subprocess.run([sys.executable, "-m", "orchestrator.train", "--job", str(job)], cwd=tmp_path,
-                            env={**env(), "ORCH_TEST_RAISE_OOM_AT_STEP": "3"}, capture_output=True, text=True,
-                            timeout=600)
+    e_proc = subprocess.run([sys.executable, "-m", "tests.fault_trainer", "--oom-at-step", "3", "--job", str(job)],
+                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert e_proc.returncode == 5, e_proc.stderr[-3000:]
     assert "Traceback" not in e_proc.stderr
     lines = [l for l in e_proc.stderr.splitlines() if l.startswith("orch: error:")]
