@@ -60,6 +60,14 @@ class RankMemory:
     params_bytes_local_built: Optional[int] = None
     """Bytes of model parameters this rank holds right after the model is built/loaded, before
     deepspeed.initialize (ZeRO-3 lora/full: already its partition; otherwise the whole model)."""
+    quantized_bytes_local_built: Optional[int] = None
+    """Of params_bytes_local_built: the packed 4-bit weights (qlora; under ZeRO-3 already this rank's partition)."""
+    build_peak_allocated: Optional[int] = None
+    """torch.cuda.max_memory_allocated right after the model is built/loaded, before deepspeed.initialize
+    (None on CPU)."""
+    build_peak_sampled: Optional[int] = None
+    """CPU: the largest bytes of live CPU tensors the build added, sampled at its peaks
+    (modeling.LiveTensorBytes); None on a GPU, where build_peak_allocated is the allocator's."""
     quantized_bytes_local: Optional[int] = None
     """Of params_bytes_local: the packed 4-bit weights (qlora)."""
     quantized_bytes_full: Optional[int] = None
@@ -191,9 +199,16 @@ class Trainer:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.deepspeed_config)
+        probe = None if self.cuda else M.LiveTensorBytes.start()
+        self.loaded = M.load_model(self.job, self.strategy, self.device, self.job.training.seed, self.deepspeed_config,
+                                   probe)
         self.load_seconds = time.time() - t0
-        self.memory.params_bytes_local_built = param_bytes(self.loaded.model)[0]
+        local, _, q_local, _ = param_bytes(self.loaded.model)
+        self.memory.params_bytes_local_built, self.memory.quantized_bytes_local_built = local, q_local
+        if self.cuda:
+            self.memory.build_peak_allocated = torch.cuda.max_memory_allocated()
+        else:
+            self.memory.build_peak_sampled = probe.peak
         self.module = M.CausalLMLoss(self.loaded.model, self.loaded.base, self.job.training.loss_chunk_tokens)
 
     def ds_config(self) -> dict:
