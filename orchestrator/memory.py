@@ -224,17 +224,15 @@ def quant_constant_bytes(numel: int, block_size: int, double_quant: bool) -> int
     return blocks * 1 + nested_blocks * FP32 + FP32 + 256 * FP32 + code4
 
 
-def base_weight_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> tuple[int, int, int]:
-    """(model.dtype weights, packed 4-bit weights, quant constants) of the whole unsharded model.
+def layer_weight_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> tuple[int, int, int]:
+    """(model.dtype weights, packed 4-bit weights, quant constants) of one decoder layer.
 
-    qlora quantizes every decoder-block linear except skip_modules; embeddings,
-    norms, biases and lm_head stay in model.dtype. lora/full keep everything in
-    model.dtype.
+    qlora quantizes every linear of the layer except skip_modules; norms, biases and skipped
+    linears stay in model.dtype. lora/full keep everything in model.dtype.
     """
     d = DTYPE_BYTES[job.model.dtype]
-    counts = param_counts(job, shape)
     if job.method != "qlora":
-        return counts.total * d, 0, 0
+        return (shape.layer_linear_params() + shape.layer_other_params()) * d, 0, 0
     q = job.quantization
     packed = consts = kept = 0
     for name, (i, o) in shape.linear_shapes().items():
@@ -243,8 +241,17 @@ def base_weight_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> tu
             continue
         packed += packed_4bit_bytes(i * o, storage_dtype)
         consts += quant_constant_bytes(i * o, q.block_size, q.double_quant)
+    return (kept + shape.layer_other_params()) * d, packed, consts
+
+
+def base_weight_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> tuple[int, int, int]:
+    """(model.dtype weights, packed 4-bit weights, quant constants) of the whole unsharded model:
+    the decoder layers (``layer_weight_bytes``) plus the embedding, the final norm and an untied
+    lm_head, which stay in model.dtype."""
+    dense, packed, consts = layer_weight_bytes(job, shape, storage_dtype)
+    outside = (shape.embedding_params() + shape.lm_head_params() + shape.hidden_size) * DTYPE_BYTES[job.model.dtype]
     layers = shape.num_hidden_layers
-    return (counts.other + layers * kept) * d, layers * packed, layers * consts
+    return outside + layers * dense, layers * packed, layers * consts
 
 
 # ---------------------------------------------------------------------------
@@ -629,6 +636,61 @@ def whole_model_bytes(job: JobSpec, shape: ModelShape, storage_dtype: str) -> in
     return dense + packed + consts + param_counts(job, shape).lora * DTYPE_BYTES[job.model.dtype]
 
 
+@dataclass(frozen=True)
+class PieceLoad:
+    """Allocated bytes per GPU at the moments of the qlora ZeRO-3 load, which builds the model one piece
+    at a time and partitions each piece before the next (modeling._materialize_by_piece)."""
+
+    embedding: int
+    """The embedding whole in model.dtype, plus its new partition (DeepSpeed allocates a param's
+    partition before it frees the whole tensor)."""
+    last_layer: int
+    """The partitions and quant constants of every earlier piece, plus the last decoder layer in
+    model.dtype (its original linears, held until the layer is quantized) with its packed 4-bit
+    weights and quant constants."""
+    lm_head: int
+    """Every earlier piece's partitions and quant constants, plus the untied lm_head whole and its new
+    partition (0 when tied: the head is the embedding)."""
+    built: int
+    """The end of the build: every partition, every layer's quant constants (never partitioned: not
+    parameters), and PEFT's LoRA adapters whole (deepspeed.initialize partitions them)."""
+
+    @property
+    def peak(self) -> int:
+        return max(self.embedding, self.last_layer, self.lm_head, self.built)
+
+
+def qlora_zero3_load(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibration = CALIBRATION) -> PieceLoad:
+    """The moments of the qlora ZeRO-3 load (``PieceLoad``): sharded states plus one piece.
+
+    Pieces in order: embedding, decoder layers, final norm, untied lm_head. Each is materialized on
+    the GPU in model.dtype, a layer's linears quantized (except skip_modules), then every parameter
+    is partitioned: 1/W stays, on the GPU, or in host RAM with param offload (then a piece's
+    partitions cost the GPU nothing). Resident memory only grows, and every decoder layer needs the
+    same working set, so the peaks are at the embedding, the last layer, the lm_head and the end.
+    """
+    d = DTYPE_BYTES[job.model.dtype]
+    world = job.hardware.world_size
+    offload = STRATEGIES[strategy].param_offload != "none"
+
+    def share(nbytes: int) -> int:
+        return 0 if offload else nbytes // world
+
+    storage = job.quantization.storage_for(True)
+    kept, packed, consts = layer_weight_bytes(job, shape, storage)
+    embedding, head, norm = shape.embedding_params() * d, shape.lm_head_params() * d, shape.hidden_size * d
+    layer_whole = int(cal.load_temp_layers * (shape.layer_linear_params() + shape.layer_other_params()) * d)
+    layer_left = share(kept) + share(packed) + consts  # what a finished layer leaves on the GPU
+    layers = shape.num_hidden_layers
+    before_head = share(embedding) + layers * layer_left + share(norm)
+    return PieceLoad(
+        embedding=embedding + share(embedding),
+        last_layer=share(embedding) + (layers - 1) * layer_left + layer_whole + packed + consts,
+        lm_head=before_head + head + share(head) if head else 0,
+        built=before_head + share(head) + param_counts(job, shape).lora * d,
+    )
+
+
 def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibration = CALIBRATION) -> int:
     """Peak allocated while the trainer builds or loads the model, before the engine exists.
 
@@ -646,6 +708,9 @@ def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibr
     the partitions live in host RAM and the gather first copies this rank's part of the piece to
     the GPU (1/W of the piece), next to the gathered whole: measured on one H100, LoRA 8B,
     zero3_offload_all: 2 x the embedding (2,101,347,840 B; 2 x 1,050,673,152 predicted).
+
+    ZeRO-3, qlora: built and partitioned piece by piece, so sharded states plus one piece
+    (``qlora_zero3_load``).
     """
     stage = STRATEGIES[strategy].zero_stage
     d = DTYPE_BYTES[job.model.dtype]
@@ -661,7 +726,9 @@ def build_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, cal: Calibr
         return (dense + packed) // world + piece
     if job.method != "qlora":
         return whole
-    dense, packed, consts = base_weight_bytes(job, shape, job.quantization.storage_for(stage == 3))
+    if stage == 3:
+        return qlora_zero3_load(job, strategy, shape, cal).peak
+    dense, packed, consts = base_weight_bytes(job, shape, job.quantization.storage_for(False))
     # While the last layer is quantized: everything but the final norm and an untied lm_head (its
     # packed weights already counted), plus that layer in model.dtype.
     before_head = dense + packed + consts - (shape.hidden_size + shape.lm_head_params()) * d
@@ -709,11 +776,12 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
       through host memory); then the fp32 master partition (a model.dtype clone cast to fp32:
       d + 4 B per element at once) and a zero fp32 gradient partition (4 B) are made. Adam moments
       stay lazy here.
-    * stage 3 (``DeepSpeedZeroOptimizer_Stage3``): a qlora model arrives whole and is partitioned
-      param by param: each partition (1/W, on the host with param offload) is allocated before the
-      whole tensor is freed, at most the largest param (the embedding) on top of the whole model --
-      measured on one H100, QLoRA 8B zero3_offload_optimizer: 6,837,315,584 B. lora/full arrive
-      partitioned. Then, without optimizer offload: the fp32 master partition (converted and cloned:
+    * stage 3 (``DeepSpeedZeroOptimizer_Stage3``): the model arrives partitioned but for a qlora
+      model's LoRA adapters, which DeepSpeed partitions param by param, each partition (1/W, on the
+      host with param offload) allocated before the whole tensor is freed (``qlora_zero3_load``'s
+      end of the build plus the largest adapter's partition). (Before the by-piece load a qlora model
+      arrived whole: measured on one H100, QLoRA 8B zero3_offload_optimizer, 6,837,315,584 B.)
+      Then, without optimizer offload: the fp32 master partition (converted and cloned:
       2 x 4 B per element of one sub-group at once; none for fp32 models, whose partitions are their
       own masters), the zero fp32 gradient of the largest sub-group, and finally the flat
       model.dtype gradient partition and one reduce bucket (reduce_bucket_size elements). With
@@ -736,10 +804,11 @@ def engine_init_peak_bytes(job: JobSpec, strategy: str, shape: ModelShape, state
     resident = sum(states.gpu[k] for k in ("weights", "weights_4bit", "quant_constants", "lora_weights"))
     partitioning = 0
     if job.method == "qlora":
-        storage = job.quantization.storage_for(True)
-        largest = max(shape.embedding_params() * d, packed_4bit_bytes(param_counts(job, shape).largest_linear, storage))
-        on_gpu = 0 if param_dev != "none" else -(-largest // world)
-        partitioning = whole_model_bytes(job, shape, storage) + on_gpu
+        # The model arrives partitioned but for PEFT's adapters, which are partitioned param by param:
+        # the largest one's partition (r x the wider side of a target linear) next to all of them whole.
+        largest_lora = job.lora.r * max(max(i, o) for i, o in lora_targets(job, shape).values()) * d
+        on_gpu = 0 if param_dev != "none" else -(-largest_lora // world)
+        partitioning = qlora_zero3_load(job, strategy, shape, cal).built + on_gpu
     bucket = bucket_sizes(shape).reduce_bucket_size * d
     if opt_dev != "none":
         return max(partitioning, resident + bucket)

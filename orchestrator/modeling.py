@@ -21,18 +21,24 @@ is never whole on a rank: random weights are built inside ``deepspeed.zero.Init`
 and initialized one gathered piece at a time with the same seeded values
 (``build_random`` given the DeepSpeed config); pretrained weights load through ``HfDeepSpeedConfig``.
 
-For qlora under ZeRO-3 (4-bit weights cannot be created inside zero.Init)
-DeepSpeed partitions every parameter -- the packed
-4-bit weights included, which is why their storage dtype must equal the param
-dtype (a bf16 tensor of packed nibbles) -- when ``deepspeed.initialize`` wraps
-the model: after that each rank keeps 1/world of the packed weights. The
-bitsandbytes quant state (absmax, small) stays whole on every rank.
+qlora under ZeRO-3 is never whole on a rank either, though 4-bit weights cannot be
+created inside zero.Init: the model is materialized piece by piece as above (random
+weights seeded, or pretrained ones read from the safetensors files, only that piece's
+tensors), each decoder layer is quantized on the rank's device, and then the piece is
+handed to ZeRO-3 (``_partition_``): each rank keeps 1/world of every parameter -- the
+packed 4-bit weights included, which is why their storage dtype must equal the param
+dtype (a bf16 tensor of packed nibbles) -- and frees the rest before the next piece.
+The bitsandbytes quant state (absmax, codes; small) is not a parameter: it stays whole
+on every rank, and gathering a weight only swaps its packed data.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -187,15 +193,21 @@ def _init_module_(module: nn.Module, rule: InitRule, gen: torch.Generator) -> No
             sub.weight.data.normal_(0.0, rule.std, generator=gen)
             if sub.padding_idx is not None:  # HF zeroes the padding row (Gemma, Phi-3 have one)
                 sub.weight.data[sub.padding_idx].zero_()
-            scale = getattr(sub, "embed_scale", None)
-            if isinstance(scale, torch.Tensor):  # Gemma's scaled embedding (its dtype rounds it as HF's does)
-                scale.fill_(getattr(sub, "scalar_embed_scale", rule.embed_scale))
+            _fill_embed_scale_(sub, rule)
         else:
             for name, p in sub.named_parameters(recurse=False):
                 if name == "weight" and p.dim() == 1:  # RMSNorm
                     p.data.fill_(rule.norm_weight)
                 else:
                     p.data.zero_()
+
+
+def _fill_embed_scale_(embedding: nn.Module, rule: InitRule) -> None:
+    """Gemma's scaled embedding: its multiplier is a non-persistent buffer (in no checkpoint), which a
+    meta-device build leaves uninitialized; its dtype rounds it as HF's does. Other embeddings have none."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        scale.fill_(getattr(embedding, "scalar_embed_scale", rule.embed_scale))
 
 
 def _no_init_weights():
@@ -288,79 +300,270 @@ def check_cpu_4bit_shapes(model: nn.Module, block_size: int) -> None:
                 "use method lora here, or train on a GPU")
 
 
-def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int,
-                 ds_config: Optional[dict] = None) -> tuple[nn.Module, int]:
-    """Build the model from ``config`` with random weights, one piece at a time; returns it and its 4-bit count.
+@dataclass(frozen=True)
+class Piece:
+    """One part of the model that is materialized (and, under ZeRO-3, partitioned) at a time."""
 
-    The pieces are the embedding, each decoder layer, the final norm and the lm_head
-    (unless tied). Piece i is initialized by ``_init_module_`` (the family's init rule) from a
-    generator seeded by (seed, i), so every rank -- and both ways of building below -- gets the
-    same values.
+    name: str
+    """Its module path in the model ('model.embed_tokens', 'model.layers.3', 'model.norm', 'lm_head'):
+    the prefix of its tensors in a Hugging Face checkpoint."""
+    module: nn.Module
+    """The module itself."""
+    is_layer: bool
+    """A decoder layer: its linears are the ones qlora quantizes."""
 
-    * Without ``ds_config`` the model is created on the meta device (no storage); each
-      piece is given storage on ``device`` (``to_empty``), initialized and, for qlora
-      (``quant``), its decoder-layer linears are quantized before the next piece is built.
-    * With ``ds_config`` (ZeRO-3, lora/full) it is created inside ``deepspeed.zero.Init``,
-      so every parameter is split across ranks as its module is constructed and no rank
-      ever holds the whole model. Each piece is gathered alone (``GatheredParameters``),
-      rank 0 writes the values and DeepSpeed re-partitions it from rank 0's copy.
-      transformers' own init is skipped (``_no_init_weights``). 4-bit weights cannot be
-      created inside zero.Init, so ``quant`` must be None here.
+
+def model_pieces(model: nn.Module, config) -> list[Piece]:
+    """The pieces in build order: embedding, each decoder layer, final norm, lm_head (unless tied to the
+    embedding). Piece i of this list is seeded by (seed, i) in a random build."""
+    inner = model.model
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = [(inner.embed_tokens, False)] + [(layer, True) for layer in inner.layers] + [(inner.norm, False)]
+    if not getattr(config, "tie_word_embeddings", False):
+        modules.append((model.lm_head, False))
+    return [Piece(names[id(m)], m, is_layer) for m, is_layer in modules]
+
+
+@dataclass
+class LiveTensorBytes:
+    """Bytes of live CPU tensors at chosen moments of the load, above what lived before it.
+
+    The CPU has no allocator counter (torch.cuda.max_memory_allocated's role on a GPU), so the
+    by-piece build samples this where the memory model puts its peaks: each piece whole before
+    ZeRO-3 partitions it (a decoder layer with its originals and its 4-bit weights), and the end of
+    the build. A sample walks the garbage collector's objects and adds the storage bytes of every
+    CPU tensor once (views and shared storages count once). Transients between two samples (a
+    partition being copied, a tensor read from disk) are not seen.
     """
+
+    baseline: int
+    """Bytes of live CPU tensors when the load began."""
+    peak: int = 0
+    """The largest sample so far, minus the baseline."""
+
+    @classmethod
+    def start(cls) -> "LiveTensorBytes":
+        return cls(baseline=live_cpu_tensor_bytes())
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, live_cpu_tensor_bytes() - self.baseline)
+
+
+def live_cpu_tensor_bytes() -> int:
+    """Storage bytes of every CPU tensor the garbage collector can reach, each storage once."""
+    seen: set[int] = set()
+    total = 0
+    for obj in gc.get_objects():
+        # type(), not isinstance: isinstance reads __class__, which some module proxies answer with a warning
+        if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
+            continue
+        storage = obj.untyped_storage()
+        if storage.data_ptr() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _meta_model(job: JobSpec, config) -> nn.Module:
+    """The model with every parameter on the meta device (no storage), in model.dtype."""
     from transformers import AutoModelForCausalLM
 
-    if quant is not None and ds_config is not None:
-        raise ValueError("build_random: 4-bit layers cannot be built inside deepspeed.zero.Init")
-    dtype = torch_dtype(job.model.dtype)
-    if ds_config is None:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
-    else:
-        import deepspeed
-        import torch.distributed as dist
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(job.model.dtype),
+                                                attn_implementation=attn_implementation(job))
 
-        # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
-        # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
-        # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
-        # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
-        # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
-        # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
-        # piece is written below anyway.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation(job))
-        rank = dist.get_rank() if dist.is_initialized() else 0
-    inner = model.model
-    rule = init_rule(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
 
-    pieces: list[tuple[nn.Module, bool]] = [(inner.embed_tokens, False)]
-    pieces += [(layer, True) for layer in inner.layers]
-    pieces.append((inner.norm, False))
-    if not tied:
-        pieces.append((model.lm_head, False))
+def _partition_(piece: nn.Module, ds_config: dict, first: Optional[nn.Parameter]) -> nn.Parameter:
+    """Hand ``piece``'s parameters to ZeRO-3: each rank keeps its 1/world partition (on its device, or
+    in host RAM / NVMe with parameter offload) and frees the whole tensor. Returns ``first``.
+
+    The first piece makes the load's one ``deepspeed.zero.Init(module=...)``, which reads the config's
+    offload device and swapper; later pieces go through that same object, reached from a parameter it
+    converted (``convert_to_zero_parameters``, what deepspeed.initialize does with parameters added
+    after the model was partitioned, as LoRA's are): one NVMe swapper, not one per piece. Every rank
+    built the same values; DeepSpeed broadcasts rank 0's anyway. A bitsandbytes Params4bit stays what
+    it is: only its ``.data`` (the packed bytes) is partitioned, its quant_state stays whole.
+    """
+    import deepspeed
+
+    params = list(piece.parameters())
+    if first is None:
+        deepspeed.zero.Init(module=piece, config_dict_or_path=ds_config)
+        return params[0]
+    first.convert_to_zero_parameters(params)
+    return first
+
+
+def _materialize_by_piece(job: JobSpec, model: nn.Module, config, device: torch.device,
+                          fill: Callable[[int, Piece], None], quant: Optional[dict], ds_config: Optional[dict],
+                          probe: Optional[LiveTensorBytes]) -> int:
+    """Give every piece of a meta-device ``model`` storage on ``device`` in turn, write its values
+    (``fill(index, piece)``), quantize a decoder layer's linears (qlora), and with ``ds_config``
+    partition the piece (ZeRO-3) before the next one. Returns how many linears are 4-bit.
+
+    So a rank holds what earlier pieces left (whole pieces, or their partitions and quant states)
+    plus one piece in model.dtype and, while a layer is quantized, its 4-bit weights
+    (memory.build_peak_bytes counts exactly these).
+    """
+    skip = list(job.quantization.skip_modules)
+    first: Optional[nn.Parameter] = None
     quantized = 0
-    for index, (piece, is_layer) in enumerate(pieces):
-        gen = torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
+    for index, piece in enumerate(model_pieces(model, config)):
+        piece.module.to_empty(device=device)
+        fill(index, piece)
+        # _quantize_linears_ holds every original linear of the layer until it returns, so its peak is
+        # its last moment; holding the originals here until the sample makes that moment observable.
+        originals = list(piece.module.parameters())
+        if quant is not None and piece.is_layer:
+            quantized += _quantize_linears_(piece.module, quant, skip, device)
+        if probe is not None:
+            probe.sample()
+        del originals
         if ds_config is not None:
-            with deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=0):
-                if rank == 0:
-                    _init_module_(piece, rule, gen)
-            continue
-        piece.to_empty(device=device)
-        _init_module_(piece, rule, gen)
-        if quant is not None and is_layer:
-            quantized += _quantize_linears_(piece, quant, list(job.quantization.skip_modules), device)
-    if tied:
+            first = _partition_(piece.module, ds_config, first)
+    return quantized
+
+
+def _finish_build(model: nn.Module, config, device: torch.device, quant: Optional[dict]) -> None:
+    """What a by-piece build leaves to do: tie the head to the embedding, rebuild the rotary
+    frequencies on ``device``, mark a 4-bit model as such for PEFT and HF."""
+    inner = model.model
+    if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = inner.embed_tokens.weight
     _rebuild_rotary_(inner, device)
     if quant is not None:
         # What PEFT and HF look at to treat the model as a 4-bit one.
         model.is_loaded_in_4bit = True
         keep_portable_cpu_4bit_(model)
+
+
+def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dict], seed: int,
+                 ds_config: Optional[dict] = None, probe: Optional[LiveTensorBytes] = None) -> tuple[nn.Module, int]:
+    """Build the model from ``config`` with random weights, one piece at a time; returns it and its 4-bit count.
+
+    The pieces are the embedding, each decoder layer, the final norm and the lm_head
+    (unless tied; ``model_pieces``). Piece i is initialized by ``_init_module_`` (the family's init
+    rule) from a generator seeded by (seed, i), so every rank, every world size and every way of
+    building below gets the same values.
+
+    * Without ``ds_config``, or with it for qlora (``quant``), the model is created on the meta
+      device (no storage); each piece is given storage on ``device`` (``to_empty``), initialized,
+      its decoder-layer linears quantized (qlora), and with ``ds_config`` partitioned by ZeRO-3,
+      before the next piece is built (``_materialize_by_piece``).
+    * With ``ds_config`` for lora/full it is created inside ``deepspeed.zero.Init``,
+      so every parameter is split across ranks as its module is constructed and no rank
+      ever holds the whole model. Each piece is gathered alone (``GatheredParameters``),
+      rank 0 writes the values and DeepSpeed re-partitions it from rank 0's copy.
+      transformers' own init is skipped (``_no_init_weights``).
+
+    ``probe`` (CPU runs) samples the live tensor bytes at each piece's peak.
+    """
+    from transformers import AutoModelForCausalLM
+
+    rule = init_rule(config)
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+
+    def generator(index: int) -> torch.Generator:
+        return torch.Generator(device=gen_device).manual_seed(seed * 100_003 + index)
+
+    if ds_config is None or quant is not None:
+        model = _meta_model(job, config)
+        quantized = _materialize_by_piece(job, model, config, device,
+                                          lambda index, piece: _init_module_(piece.module, rule, generator(index)),
+                                          quant, ds_config, probe)
+        _finish_build(model, config, device, quant)
+        return model, quantized
+
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    # Import the model's module before zero.Init patches torch.Tensor's constructor: transformers
+    # imports it lazily, and Gemma's module pulls in torch._dynamo, which fails under the patch.
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    # dtype=None on purpose: zero.Init then takes it from the config (bf16/fp16/else fp32), which
+    # matches model.dtype. An explicit dtype is ignored on accelerators without fp16 (the CPU):
+    # DeepSpeed 0.19's _set_dtype falls back to bf16 there, silently rounding fp32 weights.
+    # transformers' own init is skipped, as its from_pretrained does under ZeRO-3: it would run on
+    # empty local shards (Gemma's zeroing of the padding row indexes one and fails), and every
+    # piece is written below anyway.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(job.model.dtype),
+                                                 attn_implementation=attn_implementation(job))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for index, piece in enumerate(model_pieces(model, config)):
+        with deepspeed.zero.GatheredParameters(list(piece.module.parameters()), modifier_rank=0):
+            if rank == 0:
+                _init_module_(piece.module, rule, generator(index))
+    _finish_build(model, config, device, None)
+    return model, 0
+
+
+# ---------------------------------------------------------------------------
+# pretrained weights, layer by layer (qlora under ZeRO-3)
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of ``folder`` that holds it (from the shard index, or the
+    single ``model.safetensors``). Only headers are read."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"model.name: cannot read the shard index {index}: {exc}") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {name: single for name in f.keys()}
+    raise ModelError(f"model.name: {folder} has no model.safetensors or model.safetensors.index.json; QLoRA under "
+                     "ZeRO-3 reads the weights layer by layer from safetensors (save the model with "
+                     "save_pretrained(..., safe_serialization=True)), or choose a strategy without ZeRO-3")
+
+
+def _read_piece_(piece: Piece, files: dict[str, Path], rule: InitRule) -> None:
+    """Copy the checkpoint tensors of ``piece`` (named ``<piece.name>.<param>``) into its parameters,
+    opening only the files that hold them; each tensor is read to host memory and cast into the
+    parameter on its device, so the device never holds more than the piece."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, param in piece.module.named_parameters():
+        key = f"{piece.name}.{name}"
+        if key not in files:
+            raise ModelError(f"model.name: the checkpoint has no tensor {key} (a Hugging Face {type(piece.module).__name__} "
+                             "parameter); QLoRA under ZeRO-3 reads the tensors by their transformers names")
+        by_file.setdefault(files[key], []).append((key, param))
+    for file, wanted in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key, param in wanted:
+                tensor = f.get_tensor(key)
+                if tensor.shape != param.shape:
+                    raise ModelError(f"model.name: {file.name}: {key} has shape {tuple(tensor.shape)}, the model "
+                                     f"config gives {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+    for sub in piece.module.modules():
+        _fill_embed_scale_(sub, rule)
+
+
+def load_pretrained_by_piece(job: JobSpec, config, device: torch.device, quant: Optional[dict],
+                             ds_config: Optional[dict] = None,
+                             probe: Optional[LiveTensorBytes] = None) -> tuple[nn.Module, int]:
+    """Load the folder's pretrained weights one piece at a time (as ``build_random`` builds them): each
+    piece's tensors are read from the safetensors files, its decoder linears quantized (``quant``), and
+    with ``ds_config`` the piece is partitioned by ZeRO-3 before the next is read. Tied embeddings are
+    read once (the head is tied after the build); ``quantization.skip_modules`` stay in model.dtype.
+    Returns the model and its 4-bit count."""
+    files = checkpoint_files(job.model.folder())
+    rule = init_rule(config)
+    model = _meta_model(job, config)
+    quantized = _materialize_by_piece(job, model, config, device, lambda index, piece: _read_piece_(piece, files, rule),
+                                      quant, ds_config, probe)
+    _finish_build(model, config, device, quant)
     return model, quantized
 
 
@@ -369,23 +572,26 @@ def build_random(job: JobSpec, config, device: torch.device, quant: Optional[dic
 
 
 def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
-               ds_config: Optional[dict] = None) -> LoadedModel:
+               ds_config: Optional[dict] = None, probe: Optional[LiveTensorBytes] = None) -> LoadedModel:
     """Load/build the model on ``device``, quantize (qlora), add LoRA (qlora/lora) or unfreeze (full).
 
     ``ds_config``: the DeepSpeed config the trainer will initialize with. Under
-    ZeRO-3 for lora/full it is used to build/load the model already
-    partitioned; qlora under ZeRO-3 loads whole (4-bit weights cannot be created
-    inside zero.Init) and is partitioned by ``deepspeed.initialize``.
+    ZeRO-3 it is used to build/load the model already partitioned: lora/full inside
+    zero.Init (random) or through HfDeepSpeedConfig (pretrained); qlora piece by piece,
+    each piece quantized and then partitioned (random, or read from safetensors).
+    ``probe`` (CPU runs) samples the live tensor bytes at the build's peaks and at its end.
     """
     from orchestrator.strategy import STRATEGIES
 
     sharded = STRATEGIES[strategy].sharded
-    partitioned_load = sharded and job.method != "qlora" and ds_config is not None
+    partitioned_load = sharded and ds_config is not None
     config = hf_config(job)
     quant = bnb_settings(job, sharded) if job.method == "qlora" else None
     keep_alive = None
     if job.model.weights == "random":
-        model, nquant = build_random(job, config, device, quant, seed, ds_config if partitioned_load else None)
+        model, nquant = build_random(job, config, device, quant, seed, ds_config if partitioned_load else None, probe)
+    elif partitioned_load and quant is not None:
+        model, nquant = load_pretrained_by_piece(job, config, device, quant, ds_config, probe)
     elif partitioned_load:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -419,6 +625,8 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
             p.requires_grad_(True)
     else:
         model = add_lora(job, model)
+    if probe is not None:
+        probe.sample()  # the end of the build: PEFT's adapters are whole until deepspeed.initialize
     return LoadedModel(model=model, base=base, quantized_modules=nquant, attention=base.config._attn_implementation,
                        zero3_config=keep_alive)
 

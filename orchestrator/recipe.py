@@ -207,9 +207,21 @@ def setup_ds_config(job: JobSpec, strategy: str, path: Optional[str], total_step
     return config
 
 
-def setup_model(job: JobSpec, strategy: str, rank_info: RankInfo, ds_config: dict) -> M.LoadedModel:
-    """The model on this rank's device: loaded or built, quantized (qlora), LoRA added (qlora/lora)."""
-    return M.load_model(job, strategy, rank_info.device, job.training.seed, ds_config)
+def setup_model(job: JobSpec, strategy: str, rank_info: RankInfo, ds_config: dict,
+                probe: Optional[M.LiveTensorBytes] = None) -> M.LoadedModel:
+    """The model on this rank's device: loaded or built, quantized (qlora), LoRA added (qlora/lora).
+    ``probe`` samples the live CPU tensor bytes at the build's peaks (build_peak_bytes on a CPU)."""
+    return M.load_model(job, strategy, rank_info.device, job.training.seed, ds_config, probe)
+
+
+@dataclass(frozen=True)
+class BuildPeak:
+    """The most the model build held on this rank, before the engine partitions or wraps it."""
+
+    allocated: Optional[int]
+    """GPU: torch.cuda.max_memory_allocated right after the build (None on a CPU)."""
+    sampled: Optional[int]
+    """CPU: the largest live tensor bytes the build added, sampled at its peaks (None on a GPU)."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +315,7 @@ def measure_load(engine: TrainEngine, rank_info: RankInfo) -> LoadMemory:
     return LoadMemory(peak_allocated=peak, cpu_rss=_rss(), params=param_bytes(engine.engine.module))
 
 
-def rank_memory(rank_info: RankInfo, built: ParamBytes, load: LoadMemory) -> R.RankMemory:
+def rank_memory(rank_info: RankInfo, built: ParamBytes, build_peak: BuildPeak, load: LoadMemory) -> R.RankMemory:
     """This rank's memory statistics at the end of the run."""
     return R.RankMemory(
         rank=rank_info.rank, load_peak_allocated=load.peak_allocated,
@@ -311,6 +323,8 @@ def rank_memory(rank_info: RankInfo, built: ParamBytes, load: LoadMemory) -> R.R
         peak_reserved=torch.cuda.max_memory_reserved() if rank_info.cuda else None,
         cpu_rss_peak=_peak_rss(), cpu_rss_after_load=load.cpu_rss,
         params_bytes_local=load.params.local, params_bytes_full=load.params.full, params_bytes_local_built=built.local,
+        quantized_bytes_local_built=built.quantized_local, build_peak_allocated=build_peak.allocated,
+        build_peak_sampled=build_peak.sampled,
         quantized_bytes_local=load.params.quantized_local, quantized_bytes_full=load.params.quantized_full)
 
 
@@ -596,9 +610,12 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     if rank_info.cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.time()
-    loaded = setup_model(job, strategy, rank_info, ds_config)
+    probe = None if rank_info.cuda else M.LiveTensorBytes.start()
+    loaded = setup_model(job, strategy, rank_info, ds_config, probe)
     load_seconds = time.time() - started
     built = param_bytes(loaded.model)
+    build_peak = BuildPeak(allocated=torch.cuda.max_memory_allocated() if rank_info.cuda else None,
+                           sampled=None if rank_info.cuda else probe.peak)
     engine = setup_engine(job, strategy, loaded, ds_config, rank_info)
     load = measure_load(engine, rank_info)
 
@@ -616,4 +633,4 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
                         Exit.REQUEUE)
     if state.saved_step != state.step:  # not when resumed from the final checkpoint
         state = save_checkpoint(run, state)
-    return report(run, state, rank_memory(rank_info, built, load), load_seconds)
+    return report(run, state, rank_memory(rank_info, built, build_peak, load), load_seconds)

@@ -50,6 +50,14 @@ class RankMemory:
     params_bytes_local_built: Optional[int] = None
     """Bytes of model parameters this rank holds right after the model is built/loaded, before
     deepspeed.initialize (ZeRO-3 lora/full: already its partition; otherwise the whole model)."""
+    quantized_bytes_local_built: Optional[int] = None
+    """Of params_bytes_local_built: the packed 4-bit weights (qlora; under ZeRO-3 already this rank's partition)."""
+    build_peak_allocated: Optional[int] = None
+    """torch.cuda.max_memory_allocated right after the model is built/loaded, before deepspeed.initialize
+    (None on CPU)."""
+    build_peak_sampled: Optional[int] = None
+    """CPU: the largest bytes of live CPU tensors the build added, sampled at its peaks
+    (modeling.LiveTensorBytes); None on a GPU, where build_peak_allocated is the allocator's."""
     quantized_bytes_local: Optional[int] = None
     """Of params_bytes_local: the packed 4-bit weights (qlora)."""
     quantized_bytes_full: Optional[int] = None

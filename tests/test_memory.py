@@ -365,16 +365,71 @@ def test_load_peak_zero3():
     # param offload: partitions in host RAM; a gather copies this rank's half of the piece to the GPU too:
     # 92416 + 46208 = 138624 (> bucket 8192)
     assert memory.estimate(lora, "zero3_offload_all", CAL, TINY).load_peak == 138624
-    # qlora cannot build 4-bit weights inside zero.Init: the whole model (bf16 storage) is on each rank, then
-    # DeepSpeed partitions it param by param; each new partition exists before its whole tensor is freed: at
-    # most half the embedding 32768*2/2 = 32768 B. Whole: 131712 + 46080 + consts 16784 + LoRA 37376 = 231952
+    # qlora is built piece by piece, each piece partitioned before the next (PieceLoad, hand-checked in
+    # test_qlora_zero3_load_moments): build peak 176656, under the engine init's 124368 resident + fp32 master
+    # 9344*4 = 37376 + max(fp32 temp 37376, bf16 grad partition 18688 + bucket 8192) = 199120.
     q = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16")
     dense, packed, consts = memory.base_weight_bytes(q, TINY, "bf16")
     assert (dense, packed, consts) == (131712, 46080, 16784)
-    assert memory.estimate(q, "zero3", CAL, TINY).load_peak == 231952 + 32768
-    assert memory.estimate(q, "zero3_offload_optimizer", CAL, TINY).load_peak == 231952 + 32768
-    # with param offload the partitions are made in host RAM: the whole model is the peak
-    assert memory.estimate(q, "zero3_offload_all", CAL, TINY).load_peak == 231952
+    assert memory.build_peak_bytes(q, "zero3", TINY, CAL) == 176656
+    assert memory.estimate(q, "zero3", CAL, TINY).load_peak == 124368 + 37376 + 37376
+    # optimizer offload: the engine puts the bucket on the GPU and partitions the LoRA adapters (built 143056
+    # + half the largest adapter, 8 x 176 bf16 / 2 = 1408 B = 144464): the build's 176656 is the peak
+    assert memory.estimate(q, "zero3_offload_optimizer", CAL, TINY).load_peak == 176656
+    states = memory.model_states(q, "zero3_offload_optimizer", TINY, CAL)
+    assert memory.engine_init_peak_bytes(q, "zero3_offload_optimizer", TINY, states, CAL) == 143056 + 1408
+    # param offload: partitions go to host RAM; the last layer's moment (consts of layer 0 + the layer) is the peak
+    assert memory.estimate(q, "zero3_offload_all", CAL, TINY).load_peak == 132240
+
+
+def test_qlora_zero3_load_moments():
+    # TINY, bf16, 2 GPUs, bf16 storage. One layer: linears 46080 elements + 2 norms 128; packed 23040 B,
+    # quant constants 8392 B (test_packed_4bit_bytes' arithmetic: 720 absmax bytes + 7 x (nested 4 + offset 4 +
+    # 1024 + 64)); its norms stay bf16: 256 B. Embedding and untied lm_head 32768 x 2 = 65536 B, final norm 128 B.
+    q = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16")
+    # a finished layer leaves half its norms 128 + half its packed weights 11520 + all its constants 8392 = 20040
+    load = memory.qlora_zero3_load(q, "zero3", TINY, CAL)
+    assert load.embedding == 65536 + 32768  # whole + its new partition
+    # half the embedding 32768 + layer 0's 20040, then the last layer whole in bf16 (46208 x 2 = 92416) with its
+    # packed weights and constants 23040 + 8392
+    assert load.last_layer == 32768 + 20040 + 92416 + 23040 + 8392 == 176656
+    # before the head: 32768 + 2 x 20040 + half the final norm 64 = 72912; the head whole + its half
+    assert load.lm_head == 72912 + 65536 + 32768 == 171216
+    # the end: 72912 + half the head 32768 + LoRA whole (18688 x 2 = 37376)
+    assert load.built == 72912 + 32768 + 37376 == 143056
+    assert load.peak == 176656 == memory.build_peak_bytes(q, "zero3", TINY, CAL)
+    # without LoRA (still whole here), the end of the load is what training keeps resident: half of dense 131712
+    # and of packed 46080, all constants 16784 = 105680
+    states = memory.model_states(q, "zero3", TINY, CAL).gpu
+    assert load.built - 37376 == states["weights"] + states["weights_4bit"] + states["quant_constants"] == 105680
+    # parameter offload: no partition on the GPU, only the quant constants stay
+    off = memory.qlora_zero3_load(q, "zero3_offload_all", TINY, CAL)
+    assert (off.embedding, off.last_layer, off.lm_head, off.built) == (65536, 8392 + 92416 + 23040 + 8392, 16784 + 65536,
+                                                                        16784 + 37376)
+    # tied embeddings: no lm_head piece; skip_modules keeps down_proj (176 x 64 = 11264 elements) in bf16
+    tied = ModelShape("llama", 64, 176, 2, 4, 2, 512, tie_word_embeddings=True, max_position_embeddings=2048)
+    skip = job("hardware.gpus_per_node=2", "quantization.storage_dtype=bf16", "quantization.skip_modules=[lm_head,down_proj]")
+    kept, packed, consts = memory.layer_weight_bytes(skip, tied, "bf16")
+    assert (kept, packed, consts) == ((11264 + 128) * 2, 23040 - 5632, 8392 - (176 + 1096))
+    t = memory.qlora_zero3_load(skip, "zero3", tied, CAL)
+    left = kept // 2 + packed // 2 + consts
+    assert t.lm_head == 0
+    assert t.last_layer == 32768 + left + 92416 + packed + consts
+    assert t.built == 32768 + 2 * left + 64 + 37376
+
+
+def test_qlora_zero3_70b_on_two_24gb_gpus_loads_sharded():
+    # Llama 3.1 70B QLoRA on 2 GPUs with parameter offload: the load never holds more than the quant constants
+    # and one piece. One layer: linears 855,638,016 elements + 2 norms 16,384, bf16: 1,711,308,800 B; packed
+    # 427,819,008 B; constants 13,369,344 + 52,224 x 4 + 7 x 1,092 = 13,585,884 B (test_packed_4bit_bytes).
+    # Embedding and lm_head 128256 x 8192 x 2 = 2,101,346,304 B each.
+    j = load_job(ROOT / "jobs/llama70b_qlora_2x24gb.yaml", check_paths=False)
+    layer_consts = 13_369_344 + 52_224 * 4 + 7 * 1_092
+    load = memory.qlora_zero3_load(j, "zero3_offload_all", j.shape())
+    assert load.embedding == 2_101_346_304
+    assert load.last_layer == 79 * layer_consts + 1_711_308_800 + 427_819_008 + layer_consts
+    assert load.lm_head == 80 * layer_consts + 2_101_346_304
+    assert load.peak == load.last_layer == 3_225_998_528  # 3.0 GiB; whole, the 4-bit model alone is 31.9 GiB
 
 
 # --- the eval pass (memory.eval_*): no saved activations, no gradients in flight ---------------

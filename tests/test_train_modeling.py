@@ -150,3 +150,108 @@ def test_flex_attention_is_refused_on_the_cpu(tmp_path, monkeypatch):
         M.load_model(job, "single_gpu", CPU, seed=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU side of the switch: accepted
     assert M.attn_implementation(job) == "flex_attention"
+
+
+def _pretrained_folder(tmp_path, **config) -> "Path":
+    """A tiny Llama saved by transformers in 100 KB shards with an index (several files, like a real checkpoint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = PRESETS["tiny-llama"].to_hf_config()
+    mt = cfg.pop("model_type")
+    cfg.pop("architectures")
+    cfg.update(config)
+    torch.manual_seed(0)
+    folder = tmp_path / "pre"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(mt, **cfg)).save_pretrained(folder, max_shard_size="100KB")
+    assert len(list(folder.glob("*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def test_pretrained_by_piece_reads_layer_by_layer_what_from_pretrained_loads(tmp_path, monkeypatch):
+    # The per-layer read of the qlora ZeRO-3 load, here without DeepSpeed: tied embeddings (no lm_head tensor in
+    # the files) and down_proj kept in fp32 by skip_modules. Its model must be the one transformers' own
+    # from_pretrained + BitsAndBytesConfig loads: the same packed 4-bit bytes, quant states and fp32 weights.
+    import safetensors
+    from transformers import AutoModelForCausalLM
+
+    folder = _pretrained_folder(tmp_path, tie_word_embeddings=True)
+    job = _job(tmp_path, method="qlora", model={"name": str(folder), "weights": "pretrained"},
+               quantization={"skip_modules": ["lm_head", "down_proj"]})
+    reads: list[str] = []
+    real_open = safetensors.safe_open
+
+    class RecordingOpen:  # the real safe_open, noting which tensors are read, in order
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.file.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
+    settings = M.bnb_settings(job, sharded=False)
+    model, n = M.load_pretrained_by_piece(job, M.hf_config(job), CPU, settings)
+    monkeypatch.undo()
+    # piece by piece: the embedding, layer 0's tensors, layer 1's, the final norm (no lm_head: tied); each tensor once
+    pieces = [".".join(k.split(".")[1:3]) if k.startswith("model.layers.") else k.split(".")[1] for k in reads]
+    runs = [piece for i, piece in enumerate(pieces) if i == 0 or pieces[i - 1] != piece]
+    assert runs == ["embed_tokens", "layers.0", "layers.1", "norm"]
+    assert len(reads) == len(set(reads)) == 1 + 2 * 9 + 1  # a layer: 7 linears + 2 norms
+    assert n == 12  # 6 of 7 linears x 2 layers: down_proj is skipped
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, quantization_config=M.bnb_config(job, False),
+                                               device_map={"": "cpu"}, local_files_only=True)
+    M.keep_portable_cpu_4bit_(ref)
+    mine = dict(model.named_parameters())
+    theirs = dict(ref.named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, p in theirs.items():
+        assert torch.equal(mine[name].data, p.data), name
+        if hasattr(p, "quant_state"):
+            assert torch.equal(mine[name].quant_state.absmax, p.quant_state.absmax), name
+            assert torch.equal(mine[name].quant_state.state2.absmax, p.quant_state.state2.absmax), name
+    ids = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_pretrained_by_piece_errors_name_the_folder_or_tensor(tmp_path):
+    import json as _json
+
+    folder = _pretrained_folder(tmp_path)
+    job = _job(tmp_path, method="qlora", model={"name": str(folder), "weights": "pretrained"})
+    settings = M.bnb_settings(job, sharded=False)
+    index = folder / "model.safetensors.index.json"
+    data = _json.loads(index.read_text())
+    del data["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    index.write_text(_json.dumps(data))
+    with pytest.raises(M.ModelError, match=r"^model.name: the checkpoint has no tensor model.layers.1.mlp.up_proj.weight "):
+        M.load_pretrained_by_piece(job, M.hf_config(job), CPU, settings)
+    index.unlink()
+    for f in folder.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(M.ModelError, match=r"^model.name: .* has no model.safetensors or model.safetensors.index.json"):
+        M.load_pretrained_by_piece(job, M.hf_config(job), CPU, settings)
+
+
+def test_live_tensor_bytes_counts_each_storage_once():
+    probe = M.LiveTensorBytes.start()
+    x = torch.zeros(1000, dtype=torch.float32)  # 4000 B
+    views = [x[:10], x.view(10, 100)]  # the same storage: not counted again
+    probe.sample()
+    assert probe.peak == 4000
+    del x, views
+    probe.sample()  # freed: the peak stays, the sample is back at the baseline
+    assert probe.peak == 4000 and M.live_cpu_tensor_bytes() == probe.baseline
