@@ -149,6 +149,7 @@ class Trainer:
         self._seed(job.training.seed)
 
         from orchestrator import data as D
+        from orchestrator import evaluate as EV
 
         self.shape = job.shape()
         self.tok = D.load_tokenizer(job, self.shape.vocab_size)
@@ -159,6 +160,8 @@ class Trainer:
             self.total_steps = job.training.max_steps
         else:
             self.total_steps = self.batcher.steps_for_epochs(job.training.epochs)
+        self.evals = EV.Evals(D.EvalBatches(self.data.eval, job.eval_micro_batch(), self.world, self.tok.pad_token_id),
+                              EV.EarlyStopping(job.training.early_stopping_patience)) if self.data.eval is not None else None
         if self.is_main:
             for line in D.render_data(job, self.data, self.batcher, self.total_steps):
                 print(f"orch: {line}", file=sys.stderr)
@@ -372,6 +375,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
+            if self.eval_due(at_end=False) and self.run_eval():  # early stopping: finish() saves the final checkpoint
+                break
             stop = self.stop_agreed()
             if stop or (save_every and self.step % save_every == 0 and self.step < self.total_steps):
                 self.save()
@@ -381,6 +386,8 @@ class Trainer:
                 raise OrchError(f"stopped by signal at step {self.step}; checkpoint written, resume with --resume", Exit.REQUEUE)
         if bar is not None:
             bar.close()
+        if self.eval_due(at_end=True):
+            self.run_eval()
 
     def stop_agreed(self) -> bool:
         """True on every rank if any rank got SIGUSR1/SIGTERM (one small all-reduce per step)."""
@@ -410,6 +417,44 @@ class Trainer:
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if k not in ("rank", "time", "source_tokens") and v is not None}
             self.wandb.log({**flat, **{f"source_tokens/{s.name}": s.tokens for s in shares}}, step=self.step)
+
+    def eval_due(self, at_end: bool) -> bool:
+        """An eval of the eval split now: every training.eval_every steps, and at the end unless the last step had one."""
+        if self.evals is None:
+            return False
+        if at_end:
+            return self.evals.last_step != self.step
+        every = self.job.training.eval_every
+        return bool(every) and self.step % every == 0
+
+    def run_eval(self) -> bool:
+        """Evaluate at this step (all ranks): log it, checkpoint a new best that no other save would, and
+        return True when early stopping ends training."""
+        from orchestrator import evaluate as EV
+
+        result = EV.evaluate(self.engine, self.evals.batches, self.rank, self.device)
+        verdict = self.evals.record(self.step, result)
+        if self.is_main:
+            record = {"step": self.step, "rank": self.rank, "eval_loss": result.loss, "eval_ppl": result.perplexity,
+                      "eval_tokens": result.tokens, "time": time.time()}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({"eval_loss": result.loss, "eval_ppl": result.perplexity}, step=self.step)
+            from tqdm import tqdm
+
+            tqdm.write(f"orch: eval at step {self.step}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
+                       + (" (best so far)" if verdict.new_best else ""), file=sys.stderr)
+        save_every = self.job.training.save_every
+        # the best checkpoint is kept: at save_every steps the loop saves it, at the last step finish() does
+        if verdict.new_best and self.step < self.total_steps and not (save_every and self.step % save_every == 0):
+            self.save()
+        if verdict.stop and self.is_main:
+            stopping = self.evals.stopping
+            print(f"orch: early stopping at step {self.step}: eval loss not below {stopping.best_loss:.4f} (step "
+                  f"{stopping.best_step}) for {stopping.evals_since_best} evals (training.early_stopping_patience)",
+                  file=sys.stderr)
+        return verdict.stop
 
     def oom_message(self) -> str:
         torch = self.torch
@@ -518,6 +563,7 @@ class Trainer:
             "predicted_load_peak_bytes": pred[1],
             "error_pct": err,
             "mixture": [asdict(share) for share in self.trained_mixture()],
+            **(self.evals.summary(self.ckpt_root) if self.evals is not None else {}),
         }
 
     def trained_mixture(self) -> list:
@@ -580,6 +626,10 @@ def render_summary(s: dict) -> str:
                  f"error {s['error_pct'] if s['error_pct'] is not None else 'n/a'} %")
     lines.append(f"  load peak: measured {gib(s['load_peak_bytes'])}, predicted {gib(s['predicted_load_peak_bytes'])}; "
                  f"CPU RSS peak {gib(s['cpu_rss_peak_bytes'])}")
+    if s.get("eval_loss") is not None:
+        lines.append(f"  eval loss {s['eval_loss']:.4f} (step {s['eval_step']}), best {s['best_eval_loss']:.4f} at step "
+                     f"{s['best_step']}" + (f" ({s['best_checkpoint']})" if s.get("best_checkpoint") else "")
+                     + (", stopped early" if s.get("early_stopped") else ""))
     return "\n".join(lines)
 
 
@@ -593,6 +643,8 @@ def plot_memory(metrics: Path, png: Path, summary: dict) -> None:
     runs: dict[int, list[dict]] = {}
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
+        if "eval_loss" in rec:
+            continue
         runs.setdefault(rec["rank"], []).append(rec)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for rank, recs in sorted(runs.items()):
