@@ -134,7 +134,9 @@ def read_progress(run_dir: Path) -> Progress:
     last = train[-1] if train else None
     total = info.total_steps if info else None
     step = last["step"] if last else summary.get("steps")
-    finished = bool(summary) and step is not None and (total is None or summary.get("steps") == total)
+    # a run that early stopping ended is finished before its last step
+    finished = bool(summary) and step is not None and (total is None or summary.get("steps") == total
+                                                       or summary.get("early_stopped") is True)
     eta = None
     if info and last and not finished and last["step"] > info.start_step and isinstance(last.get("time"), (int, float)):
         per_step = (last["time"] - info.start_time) / (last["step"] - info.start_step)

@@ -36,13 +36,14 @@ import torch
 
 from orchestrator import checkpoint as C
 from orchestrator import engine as E
+from orchestrator import evaluate as EV
 from orchestrator import jit_ops
 from orchestrator import memory_cap
 from orchestrator import modeling as M
 from orchestrator import report as R
 from orchestrator import speedups as S
 from orchestrator.compiler import write_run_job
-from orchestrator.data import Batcher, Tokenized, load_tokenizer, mixture, prepare_data, render_data
+from orchestrator.data import Batcher, EvalBatches, Tokenized, load_tokenizer, mixture, prepare_data, render_data
 from orchestrator.errors import Exit, OrchError
 from orchestrator.faults import NO_FAULTS, Faults
 from orchestrator.spec import JobSpec
@@ -347,6 +348,8 @@ class Run:
     loaded: M.LoadedModel
     engine: TrainEngine
     log: R.MetricsLog
+    evals: Optional[EV.Evals] = None
+    """The eval split's batches and what its evals found (None without an eval split)."""
     faults: Faults = NO_FAULTS
     """Test seams (orchestrator/faults.py); product runs keep the default, which does nothing."""
 
@@ -490,6 +493,8 @@ def train(run: Run, state: LoopState, stop: StopRequest) -> LoopState:
                     bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{state.tokens_per_s:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
+            if eval_due(run, state.step, at_end=False) and run_eval(run, state):
+                return state  # early stopping: the recipe saves the final checkpoint
             stopping = stop_agreed(stop, rank_info)
             if stopping or (save_every and state.step % save_every == 0 and state.step < run.total_steps):
                 state = save_checkpoint(run, state)
@@ -499,6 +504,41 @@ def train(run: Run, state: LoopState, stop: StopRequest) -> LoopState:
     finally:
         if bar is not None:
             bar.close()  # ends the progress line, so what follows (an error included) is a line of its own
+
+
+def eval_due(run: Run, step: int, at_end: bool) -> bool:
+    """An eval of the eval split now: every training.eval_every steps, and at the end unless the last
+    step had one."""
+    if run.evals is None:
+        return False
+    if at_end:
+        return run.evals.last_step != step
+    every = run.job.training.eval_every
+    return bool(every) and step % every == 0
+
+
+def run_eval(run: Run, state: LoopState) -> bool:
+    """Evaluate at ``state.step`` (collective): log it, checkpoint a new best that no other save would,
+    and return True when early stopping ends training."""
+    rank_info, step = run.rank_info, state.step
+    result = EV.evaluate(run.engine.engine, run.evals.batches, rank_info.rank, rank_info.device)
+    verdict = run.evals.record(step, result)
+    if rank_info.is_main:
+        run.log.log_eval(step, rank_info.rank, result.loss, result.perplexity, result.tokens)
+        from tqdm import tqdm
+
+        tqdm.write(f"orch: eval at step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
+                   + (" (best so far)" if verdict.new_best else ""), file=sys.stderr)
+    save_every = run.job.training.save_every
+    # the best checkpoint is kept: at save_every steps the loop saves it, at the last step the recipe does
+    if verdict.new_best and step < run.total_steps and not (save_every and step % save_every == 0):
+        save_checkpoint(run, state)
+    if verdict.stop and rank_info.is_main:
+        stopping = run.evals.stopping
+        print(f"orch: early stopping at step {step}: eval loss not below {stopping.best_loss:.4f} (step "
+              f"{stopping.best_step}) for {stopping.evals_since_best} evals (training.early_stopping_patience)",
+              file=sys.stderr)
+    return verdict.stop
 
 
 # ---------------------------------------------------------------------------
@@ -561,7 +601,8 @@ def report(run: Run, state: LoopState, memory: R.RankMemory, load_seconds: float
         summary = R.summarize(run.job, run.strategy, state.step, run.engine.kind, state.compiled_variants,
                               run.loaded.attention, state.last_loss, state.tokens_per_s, rank_info.device.type,
                               load_seconds, [R.RankMemory(**r) for r in per_rank], R.predict(run.job, run.strategy),
-                              trained_mixture(run, state.step))
+                              trained_mixture(run, state.step),
+                              run.evals.summary(run.checkpoints) if run.evals is not None else None)
         R.write_summary(run.out / "summary.json", summary)
         try:
             R.plot_memory(run.log.path, run.out / "memory.png", summary)
@@ -594,6 +635,10 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     batcher = Batcher(data.train, job.training.seed, job.training.micro_batch_size, job.grad_accum(),
                       rank_info.world_size)
     total_steps = count_steps(job, batcher)
+    evals = None
+    if data.eval is not None:
+        evals = EV.Evals(EvalBatches(data.eval, job.eval_micro_batch(), rank_info.world_size, tokenizer.pad_token_id),
+                         EV.EarlyStopping(job.training.early_stopping_patience))
     if resume_run:
         done = finished(out, total_steps)
         if done is not None:  # leave it as it is: nothing to train, nothing to rewrite
@@ -622,11 +667,13 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     start = resume(job, engine, out / "checkpoints", rank_info) if resume_run else LoopState()
     log = R.setup_logging(job, strategy, out, rank_info.is_main, rank_info.world_size, resume_run)
     run = Run(job=job, strategy=strategy, rank_info=rank_info, out=out, tokenizer=tokenizer, batcher=batcher,
-              total_steps=total_steps, loaded=loaded, engine=engine, log=log, faults=faults)
+              total_steps=total_steps, loaded=loaded, engine=engine, log=log, evals=evals, faults=faults)
     if rank_info.is_main:
         R.write_run_info(job, strategy, out, rank_info.world_size, total_steps, start.step)
 
     state = train(run, start, stop)
+    if not state.stopped and eval_due(run, state.step, at_end=True):
+        run_eval(run, state)
     if state.stopped:
         by = signal_name(stop.signum) if stop.requested else "a stop signal to another rank"
         raise OrchError(f"stopped by {by} at step {state.step}; checkpoint written, continue with --resume",

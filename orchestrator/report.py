@@ -149,14 +149,19 @@ class RunSummary:
     """(measured - predicted) / predicted training peak, in percent (None on CPU)."""
     mixture: list["SourceShare"] = field(default_factory=list)
     """Per training source: what the steps trained took from it (data.mixture)."""
+    evals: dict[str, Any] = field(default_factory=dict)
+    """With an eval split: evaluate.Evals.summary (eval_loss, eval_ppl, eval_step, eval_tokens,
+    best_eval_loss, best_step, best_checkpoint, early_stopped), top-level keys of summary.json."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        return {**{k: v for k, v in data.items() if k != "evals"}, **data["evals"]}
 
 
 def summarize(job: JobSpec, strategy: str, steps: int, engine: str, compiled_variants: Optional[int], attention: str,
               final_loss: Optional[float], tokens_per_s: Optional[float], device: str, load_seconds: float,
-              per_rank: list[RankMemory], prediction: Prediction, mixture: list["SourceShare"]) -> RunSummary:
+              per_rank: list[RankMemory], prediction: Prediction, mixture: list["SourceShare"],
+              evals: Optional[dict[str, Any]] = None) -> RunSummary:
     """The summary of a run from what was measured on every rank and orch's prediction."""
 
     def top(key: str) -> Optional[int]:
@@ -172,7 +177,7 @@ def summarize(job: JobSpec, strategy: str, steps: int, engine: str, compiled_var
         compiled_variants=compiled_variants, attention=attention, final_loss=final_loss, tokens_per_s=tokens_per_s, device=device,
         load_peak_bytes=top("load_peak_allocated"), peak_allocated_bytes=peak, cpu_rss_peak_bytes=top("cpu_rss_peak"),
         load_seconds=round(load_seconds, 3), per_rank=per_rank, predicted_peak_bytes=prediction.peak_allocated,
-        predicted_load_peak_bytes=prediction.load_peak, error_pct=error, mixture=mixture)
+        predicted_load_peak_bytes=prediction.load_peak, error_pct=error, mixture=mixture, evals=evals or {})
 
 
 def write_run_info(job: JobSpec, strategy: str, out: Path, world_size: int, total_steps: int, start_step: int) -> None:
@@ -199,7 +204,13 @@ def render_summary(s: RunSummary) -> str:
         f"error {s.error_pct if s.error_pct is not None else 'n/a'} %",
         f"  load peak: measured {_gib(s.load_peak_bytes)}, predicted {_gib(s.predicted_load_peak_bytes)}; "
         f"CPU RSS peak {_gib(s.cpu_rss_peak_bytes)}",
-    ])
+    ] + ([_eval_line(s.evals)] if s.evals.get("eval_loss") is not None else []))
+
+
+def _eval_line(e: dict[str, Any]) -> str:
+    return (f"  eval loss {e['eval_loss']:.4f} (step {e['eval_step']}), best {e['best_eval_loss']:.4f} at step "
+            f"{e['best_step']}" + (f" ({e['best_checkpoint']})" if e.get("best_checkpoint") else "")
+            + (", stopped early" if e.get("early_stopped") else ""))
 
 
 def write_summary(path: Path, s: RunSummary) -> None:
@@ -246,6 +257,16 @@ class MetricsLog:
         flat = {k: v for k, v in row.items() if k not in ("rank", "time", "source_tokens") and v is not None}
         flat.update({f"source_tokens/{name}": tokens for name, tokens in record.source_tokens.items()})
         self._wandb(f"log of step {record.step}", lambda run: run.log(flat, step=record.step))
+
+    def log_eval(self, step: int, rank: int, loss: float, perplexity: float, tokens: int) -> None:
+        """One eval (rank 0): a metrics.jsonl line with eval_loss (what `orch status` reads) and wandb."""
+        import time
+
+        row = {"step": step, "rank": rank, "eval_loss": loss, "eval_ppl": perplexity, "eval_tokens": tokens,
+               "time": time.time()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._wandb(f"eval of step {step}", lambda run: run.log({"eval_loss": loss, "eval_ppl": perplexity}, step=step))
 
     def finish(self, summary: RunSummary) -> None:
         """Put the summary into the wandb run and close it."""
@@ -379,7 +400,8 @@ def plot_memory(metrics: Path, png: Path, summary: RunSummary) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plot = memory_plot([json.loads(line) for line in metrics.read_text().splitlines()], summary)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    plot = memory_plot([r for r in records if "eval_loss" not in r], summary)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for line in plot.lines:
         if line.steps:

@@ -96,8 +96,18 @@ def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
         raise AssertionError(f"exit {proc.returncode} (wanted {code})\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
 
 
+def _records(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(out: Path, rank: int = 0) -> list[dict]:
-    return [r for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()) if r["rank"] == rank]
+    """The training log lines of ``rank`` (not the eval lines)."""
+    return [r for r in _records(out) if r["rank"] == rank and "eval_loss" not in r]
+
+
+def evals(out: Path) -> list[dict]:
+    """The eval lines (rank 0 writes one per eval of the whole eval split)."""
+    return [r for r in _records(out) if "eval_loss" in r]
 
 
 def losses(out: Path) -> dict[int, float]:
