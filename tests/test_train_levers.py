@@ -46,13 +46,15 @@ def test_plain_engine_trains_like_deepspeed(deepspeed_run, plain_run):
 
 
 def _resumable_copy(job: Path, folder: Path) -> Path:
-    """A copy of a finished run whose last checkpoint (step 6) and metrics are gone: resume starts at step 3."""
+    """A copy of a finished run as a run stopped after step 3 leaves it (no step-6 checkpoint, no metrics, no
+    summary.json; a finished run's --resume leaves it alone): resume starts at step 3."""
     shutil.copytree(job.parent, folder)
     copy = folder / job.name
     copy.write_text(job.read_text().replace(str(job.parent), str(folder)))
     out = out_dir(copy)
     shutil.rmtree(out / "checkpoints" / "step00000006")
     (out / "metrics.jsonl").unlink()
+    (out / "summary.json").unlink()
     return copy
 
 
