@@ -357,10 +357,13 @@ def live_cpu_tensor_bytes() -> int:
         # type(), not isinstance: isinstance reads __class__, which some module proxies answer with a warning
         if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
             continue
-        storage = obj.untyped_storage()
-        if storage.data_ptr() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+        try:
+            ptr = obj.untyped_storage().data_ptr()
+        except RuntimeError:  # a FakeTensor or FunctionalTensor left by torch.compile: no memory of its own
+            continue
+        if ptr and ptr not in seen:
+            seen.add(ptr)
+            total += obj.untyped_storage().nbytes()
     return total
 
 

@@ -255,3 +255,17 @@ def test_live_tensor_bytes_counts_each_storage_once():
     del x, views
     probe.sample()  # freed: the peak stays, the sample is back at the baseline
     assert probe.peak == 4000 and M.live_cpu_tensor_bytes() == probe.baseline
+
+
+def test_live_tensor_bytes_skips_tensors_without_storage_left_by_compile():
+    # torch.compile's tracing leaves FunctionalTensors (and FakeTensors) reachable by the garbage collector
+    # (the full suite had them after the compile tests); data_ptr() raises on a FunctionalTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    with FunctionalTensorMode():
+        functional = FunctionalTensor.to_functional(torch.zeros(1000))
+    probe = M.LiveTensorBytes.start()
+    kept = torch.zeros(250)  # 1000 B, counted
+    probe.sample()
+    assert probe.peak == 1000
+    del functional, kept
