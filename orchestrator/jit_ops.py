@@ -1,8 +1,8 @@
 """DeepSpeed's just-in-time C++/CUDA ops, built or loaded before DeepSpeed asks for them.
 
-DeepSpeed builds some ops on first use (the CPU all-reduce ``deepspeed_shm_comm`` at every
-``init_distributed`` on a CPU, ``cpu_adam`` for an offloaded optimizer, ``fused_adam`` on a
-GPU). torch guards each build folder with a ``lock`` file that a process creates and deletes;
+DeepSpeed builds some ops on first use (``cpu_adam`` for an offloaded optimizer, ``fused_adam``
+on a GPU; the CPU all-reduce ``deepspeed_shm_comm`` at every ``init_distributed`` on a CPU, which
+orch turns off: disable_shm_comm). torch guards each build folder with a ``lock`` file that a process creates and deletes;
 a process killed while it holds that file (a Slurm preemption, ``kill -9``, a test that stops
 a run at start-up) leaves it behind, and from then on every run on the machine that shares
 the folder (``~/.cache/torch_extensions`` by default) waits for it forever, silently, at 0 % CPU.
@@ -34,6 +34,23 @@ SHM_COMM = "ShareMemCommBuilder"
 CPU_ADAM = "CPUAdamBuilder"
 FUSED_ADAM = "FusedAdamBuilder"
 ASYNC_IO = "AsyncIOBuilder"
+
+
+def disable_shm_comm() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce (call before
+    ``deepspeed.init_distributed``).
+
+    DeepSpeed builds it at every ``init_distributed`` on a CPU and uses it only for
+    ``inference_all_reduce`` (tensor-parallel inference), never in training; each rank's start maps
+    a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` that DeepSpeed never unlinks, so every CPU
+    run left 66 MB of RAM per rank behind (a day of test runs filled a 24 GiB machine's /dev/shm),
+    and its JIT build took minutes on a fresh machine. DeepSpeed skips an op its registry marks
+    incompatible (``deepspeed.comm.torch.build_shm_op``).
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def optimizer_ops(strategy: Strategy, cuda: bool) -> list[str]:

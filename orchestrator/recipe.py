@@ -109,8 +109,8 @@ def init_distributed(rank_info: RankInfo) -> None:
     else:
         # N processes on one CPU: split the cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, rank_info.local_world_size)))
-    # Before DeepSpeed builds it itself: a lock left by a killed build would hang this run forever.
-    jit_ops.load_ops([jit_ops.SHM_COMM])
+    # DeepSpeed's CPU shared-memory all-reduce serves inference only and leaks /dev/shm: off (jit_ops)
+    jit_ops.disable_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if rank_info.cuda else "gloo", verbose=False)
 
 

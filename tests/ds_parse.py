@@ -34,7 +34,7 @@ class DataParallelGroup:
         return self.world
 
 
-jit_ops.load_ops([jit_ops.SHM_COMM])  # past a lock a killed build left (see orchestrator/jit_ops.py)
+jit_ops.disable_shm_comm()  # as the trainer does (see orchestrator/jit_ops.py)
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 out = {}
 for path, world in json.loads(sys.argv[1]):

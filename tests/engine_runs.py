@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         os.environ[var] = value
     from orchestrator import jit_ops
 
-    jit_ops.load_ops([jit_ops.SHM_COMM])  # past a lock a killed build left (see jit_ops)
+    jit_ops.disable_shm_comm()  # as the trainer does (see orchestrator/jit_ops.py)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     job = load_job(args.job, for_training=True)
     engine = deepspeed_engine(job, args.neutralize_init_step)

@@ -64,3 +64,19 @@ def test_each_python_environment_builds_in_its_own_folder(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", show], env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path)
+
+
+def test_training_runs_leave_no_shared_memory_behind(tmp_path: Path) -> None:
+    # DeepSpeed's shared-memory all-reduce mapped a 66 MB /dev/shm buffer per rank at init_distributed and
+    # never unlinked it; the trainer turns the op off (jit_ops.disable_shm_comm) before init_distributed
+    port = 29000 + os.getpid() % 1000
+    start = ("import os; os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', "
+             f"MASTER_PORT='{port}'); import deepspeed; from orchestrator import jit_ops; jit_ops.disable_shm_comm(); "
+             "deepspeed.init_distributed(dist_backend='gloo', verbose=False); "
+             "from deepspeed import comm; print('shm op', comm.comm.cdb.shm_comm_op)")
+    out = subprocess.run([sys.executable, "-c", start], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "shm op None" in out.stdout
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not (tmp_path / "deepspeed_shm_comm").exists()  # and nothing was built
