@@ -2,8 +2,8 @@
 
 DeepSpeed builds some ops on first use (``cpu_adam`` for an offloaded optimizer, ``fused_adam``
 on a GPU; the CPU all-reduce ``deepspeed_shm_comm`` at every ``init_distributed`` on a CPU, which
-orch turns off: disable_shm_comm). torch guards each build folder with a ``lock`` file that a process creates and deletes;
-a process killed while it holds that file (a Slurm preemption, ``kill -9``, a test that stops
+orch turns off: disable_shm_comm). torch guards each build folder with a ``lock`` file that a
+process creates and deletes; a process killed while it holds that file (a Slurm preemption, ``kill -9``, a test that stops
 a run at start-up) leaves it behind, and from then on every run on the machine that shares
 the folder (``~/.cache/torch_extensions`` by default) waits for it forever, silently, at 0 % CPU.
 That is how one killed run hung a whole CI run.

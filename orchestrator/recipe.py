@@ -493,10 +493,13 @@ def train(run: Run, state: LoopState, stop: StopRequest) -> LoopState:
                     bar.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{state.tokens_per_s:.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if eval_due(run, state.step, at_end=False) and run_eval(run, state):
-                return state  # early stopping: the recipe saves the final checkpoint
+            if eval_due(run, state.step, at_end=False):
+                state, early_stop = run_eval(run, state)
+                if early_stop:
+                    return state  # the recipe saves the final checkpoint
             stopping = stop_agreed(stop, rank_info)
-            if stopping or (save_every and state.step % save_every == 0 and state.step < run.total_steps):
+            due = stopping or (save_every and state.step % save_every == 0 and state.step < run.total_steps)
+            if due and state.saved_step != state.step:  # not twice: an eval may have saved this step
                 state = save_checkpoint(run, state)
             if stopping:
                 return replace(state, stopped=True)
@@ -517,9 +520,9 @@ def eval_due(run: Run, step: int, at_end: bool) -> bool:
     return bool(every) and step % every == 0
 
 
-def run_eval(run: Run, state: LoopState) -> bool:
-    """Evaluate at ``state.step`` (collective): log it, checkpoint a new best that no other save would,
-    and return True when early stopping ends training."""
+def run_eval(run: Run, state: LoopState) -> tuple[LoopState, bool]:
+    """Evaluate at ``state.step`` (collective): log it and checkpoint a new best (the loop's own save of
+    that step then sees it saved). Returns the state and True when early stopping ends training."""
     rank_info, step = run.rank_info, state.step
     result = EV.evaluate(run.engine.engine, run.evals.batches, rank_info.rank, rank_info.device)
     verdict = run.evals.record(step, result)
@@ -529,16 +532,15 @@ def run_eval(run: Run, state: LoopState) -> bool:
 
         tqdm.write(f"orch: eval at step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.3f}"
                    + (" (best so far)" if verdict.new_best else ""), file=sys.stderr)
-    save_every = run.job.training.save_every
-    # the best checkpoint is kept: at save_every steps the loop saves it, at the last step the recipe does
-    if verdict.new_best and step < run.total_steps and not (save_every and step % save_every == 0):
-        save_checkpoint(run, state)
+    # the best checkpoint is kept; at the last step the recipe's final save is it
+    if verdict.new_best and step < run.total_steps:
+        state = save_checkpoint(run, state)
     if verdict.stop and rank_info.is_main:
         stopping = run.evals.stopping
         print(f"orch: early stopping at step {step}: eval loss not below {stopping.best_loss:.4f} (step "
               f"{stopping.best_step}) for {stopping.evals_since_best} evals (training.early_stopping_patience)",
               file=sys.stderr)
-    return verdict.stop
+    return state, verdict.stop
 
 
 # ---------------------------------------------------------------------------
@@ -673,7 +675,7 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
 
     state = train(run, start, stop)
     if not state.stopped and eval_due(run, state.step, at_end=True):
-        run_eval(run, state)
+        state, _ = run_eval(run, state)
     if state.stopped:
         by = signal_name(stop.signum) if stop.requested else "a stop signal to another rank"
         raise OrchError(f"stopped by {by} at step {state.step}; checkpoint written, continue with --resume",
