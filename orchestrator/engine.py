@@ -109,14 +109,9 @@ import torch
 from torch import nn
 
 from orchestrator import levers
-from orchestrator.checkpoint import CheckpointError
+from orchestrator.checkpoint import PLAIN_STATE_FILE, CheckpointError, written_by
 from orchestrator.levers import ENGINES, EngineError, EngineFacts  # noqa: F401 - ENGINES, EngineError: this module's API
 
-STATE_FILE = "plain_engine.pt"
-"""The one file PlainEngine writes into a checkpoint folder."""
-DEEPSPEED_STATE_FILES = "*mp_rank_*_model_states.pt"
-"""What DeepSpeed writes there: mp_rank_00_model_states.pt (stage 0-2) or
-zero_pp_rank_<R>_mp_rank_00_model_states.pt (stage 3); recognized to give a clear error."""
 FORMAT = 1
 
 
@@ -173,15 +168,6 @@ def choose_engine(setting: str, config: dict) -> str:
     """'plain' or 'deepspeed' for ``training.engine`` = ``setting`` and this DeepSpeed config
     (``levers.choose_engine``, the rule the planner's memory model uses too)."""
     return levers.choose_engine(setting, EngineFacts.of_deepspeed(config))
-
-
-def written_by(folder: Path) -> Optional[str]:
-    """Which engine wrote the checkpoint folder: 'plain', 'deepspeed', or None (neither's files)."""
-    if (folder / STATE_FILE).is_file():
-        return "plain"
-    if any(folder.glob(DEEPSPEED_STATE_FILES)):
-        return "deepspeed"
-    return None
 
 
 def _adamw_kernel(device: torch.device) -> dict:
@@ -324,7 +310,7 @@ class PlainEngine:
             "skipped_steps": self.skipped_steps,
             "client_state": dict(client_state or {}),
         }
-        torch.save(state, folder / STATE_FILE)
+        torch.save(state, folder / PLAIN_STATE_FILE)
         if save_latest:
             (Path(save_dir) / "latest").write_text(str(tag))
         return True
@@ -339,7 +325,7 @@ class PlainEngine:
                 return None, None
             tag = latest.read_text().strip()
         folder = root / str(tag)
-        path = folder / STATE_FILE
+        path = folder / PLAIN_STATE_FILE
         if written_by(folder) == "deepspeed":
             raise CheckpointError(f"{folder}: written by the DeepSpeed engine, this run uses the plain engine; "
                                   "resume it with training.engine=deepspeed")

@@ -52,7 +52,6 @@ from torch import nn
 
 from orchestrator import catalog, hub
 from orchestrator import checkpoint as C
-from orchestrator import engine as E
 from orchestrator import modeling as M
 from orchestrator.compiler import RUN_JOB_FILE
 from orchestrator.errors import Exit, OrchError
@@ -145,8 +144,8 @@ class CheckpointWeights:
 def _open(info: C.CheckpointInfo, method: str) -> dict:
     """Name -> tensor (memory-mapped) or DeepSpeed GatheredTensor (``.contiguous()`` joins it), by layout."""
     folder = info.path
-    if E.written_by(folder) == "plain":
-        return torch.load(folder / E.STATE_FILE, map_location="cpu", mmap=True, weights_only=True)["module"]
+    if C.written_by(folder) == "plain":
+        return torch.load(folder / C.PLAIN_STATE_FILE, map_location="cpu", mmap=True, weights_only=True)["module"]
     if (folder / ZERO3_MODEL_FILE).is_file():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -156,7 +155,7 @@ def _open(info: C.CheckpointInfo, method: str) -> dict:
     if (folder / DEEPSPEED_MODEL_FILE).is_file():
         # DeepSpeed's own file (its config and client state are pickled objects, hence weights_only=False)
         return torch.load(folder / DEEPSPEED_MODEL_FILE, map_location="cpu", mmap=True, weights_only=False)["module"]
-    raise ExportError(f"{folder}: has neither PlainEngine's {E.STATE_FILE} nor DeepSpeed's model files")
+    raise ExportError(f"{folder}: has neither PlainEngine's {C.PLAIN_STATE_FILE} nor DeepSpeed's model files")
 
 
 # ---------------------------------------------------------------------------

@@ -21,5 +21,9 @@ class Faults:
         """Called inside the checkpoint save of ``step`` on every rank, after this rank's files are
         written and before the COMPLETE marker."""
 
+    def in_convert(self, step: int) -> None:
+        """Called on rank 0 after DeepSpeed's universal conversion of checkpoint ``step`` finished and
+        before its COMPLETE marker (checkpoint.to_universal)."""
+
 
 NO_FAULTS = Faults()

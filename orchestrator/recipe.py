@@ -38,6 +38,7 @@ from orchestrator import checkpoint as C
 from orchestrator import engine as E
 from orchestrator import evaluate as EV
 from orchestrator import jit_ops
+from orchestrator import levers
 from orchestrator import memory_cap
 from orchestrator import modeling as M
 from orchestrator import report as R
@@ -391,20 +392,64 @@ def finished(out: Path, total_steps: int) -> Optional[str]:
     return None
 
 
-def resume(job: JobSpec, engine: TrainEngine, root: Path, rank_info: RankInfo) -> LoopState:
-    """The state of the latest complete checkpoint under ``root``, loaded into ``engine``; the start
-    state when there is none."""
-    info = C.latest(root)
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``--resume`` continues (`setup_resume`)."""
+
+    checkpoint: C.CheckpointInfo
+    """The latest complete checkpoint of the run."""
+    universal: bool
+    """Saved by another number of processes: loaded from its universal form, which the engine must be
+    made for (`with_universal_load`)."""
+
+
+def setup_resume(job: JobSpec, strategy: str, out: Path, rank_info: RankInfo, global_batch: int,
+                 faults: Faults) -> Optional[ResumePoint]:
+    """The checkpoint a ``--resume`` continues from (None: there is none, start at step 0), checked
+    against this run before anything is loaded. A checkpoint of another process count is converted
+    here (rank 0, once) to DeepSpeed's universal form, before the engine that must load it is made.
+    Collective."""
+    info = C.resume_point(out, strategy, levers.engine(job, strategy), rank_info.world_size, global_batch)
     if info is None:
         if rank_info.is_main:
-            print(f"orch: no complete checkpoint in {root}; starting from step 0", file=sys.stderr)
-        return LoopState()
-    written = E.written_by(info.path)
-    # (a checkpoint of another process count gets C.load's error first: no engine can resume it here)
-    if written is not None and written != engine.kind and info.world_size == rank_info.world_size:
-        raise OrchError(f"{info.path}: written by the {written} engine, this run uses the {engine.kind} "
-                        f"engine; resume it with training.engine={written}", Exit.TRAIN_FAILED)
-    client = C.load(engine.engine, info, rank_info.rank, rank_info.world_size, strict=job.method == "full")
+            print(f"orch: no complete checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+        return None
+    if info.world_size == rank_info.world_size:
+        return ResumePoint(info, universal=False)
+    error = None
+    if rank_info.is_main:
+        try:
+            C.to_universal(info, faults)
+        except C.CheckpointError as exc:
+            error = str(exc)
+    error = from_main(rank_info, error)
+    if error is not None:
+        raise C.CheckpointError(error)
+    if rank_info.is_main:
+        print(f"orch: {info.tag} was saved by {info.world_size} processes, this run has {rank_info.world_size}: "
+              f"loading its universal form {info.path / C.UNIVERSAL}", file=sys.stderr)
+    return ResumePoint(info, universal=True)
+
+
+def from_main(rank_info: RankInfo, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a small picklable object). Collective."""
+    if rank_info.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def with_universal_load(ds_config: dict) -> dict:
+    """``ds_config`` that makes the DeepSpeed engine load universal checkpoints."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def resume(job: JobSpec, engine: TrainEngine, point: ResumePoint, rank_info: RankInfo) -> LoopState:
+    """The state of checkpoint ``point`` (checked by `setup_resume`), loaded into ``engine``."""
+    info = point.checkpoint
+    client = C.load(engine.engine, info, rank_info.rank, rank_info.world_size, strict=job.method == "full",
+                    seed=job.training.seed)
     step = int(client["step"])
     if rank_info.is_main:
         print(f"orch: resumed from {info.path} at step {step}", file=sys.stderr)
@@ -554,6 +599,7 @@ def save_checkpoint(run: Run, state: LoopState) -> LoopState:
     client = {"step": state.step, "data_position": state.step * run.batcher.global_batch,
               "seed": job.training.seed, "world_size": rank_info.world_size}
     C.save(run.engine.engine, run.checkpoints, state.step, client, rank_info.rank, rank_info.world_size, run.strategy,
+           run.batcher.global_batch,
            lambda: barrier(rank_info), exclude_frozen=job.method != "full", faults=run.faults)
     if job.method != "full":
         save_adapter(run)
@@ -652,6 +698,10 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
         for line in render_data(job, data, batcher, total_steps):
             print(f"orch: {line}", file=sys.stderr)
     ds_config = setup_ds_config(job, strategy, ds_config_path, total_steps)
+    point = (setup_resume(job, strategy, out, rank_info, batcher.global_batch, faults)
+             if resume_run else None)
+    if point is not None and point.universal:
+        ds_config = with_universal_load(ds_config)
 
     cap_gpu_memory(job, rank_info)
     if rank_info.cuda:
@@ -666,7 +716,7 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     engine = setup_engine(job, strategy, loaded, ds_config, rank_info)
     load = measure_load(engine, rank_info)
 
-    start = resume(job, engine, out / "checkpoints", rank_info) if resume_run else LoopState()
+    start = resume(job, engine, point, rank_info) if point is not None else LoopState()
     log = R.setup_logging(job, strategy, out, rank_info.is_main, rank_info.world_size, resume_run)
     run = Run(job=job, strategy=strategy, rank_info=rank_info, out=out, tokenizer=tokenizer, batcher=batcher,
               total_steps=total_steps, loaded=loaded, engine=engine, log=log, evals=evals, faults=faults)

@@ -84,15 +84,16 @@ def test_resume_continues_exactly(tmp_path, method, dtype, ga):
     first = _plain(job)
     head = R.run(first, job, 3)
     root = tmp_path / "checkpoints"
-    C.save(first, root, 3, {"step": 3}, rank=0, world=1, strategy="single_gpu", barrier=lambda: None,
+    C.save(first, root, 3, {"step": 3}, rank=0, world=1, strategy="single_gpu",
+           global_batch=job.training.global_batch_size, barrier=lambda: None,
            exclude_frozen=method != "full")
     files = sorted(p.name for p in (root / C.tag_for(3)).iterdir())
-    assert files == [C.MARKER, E.STATE_FILE, "rng_rank0.pt"]
+    assert files == [C.MARKER, C.PLAIN_STATE_FILE, "rng_rank0.pt"]
 
     resumed = _plain(job)  # a fresh model: LoRA/full weights at their initial values again
     info = C.latest(root)
     assert info is not None and info.step == 3
-    client = C.load(resumed, info, rank=0, world=1, strict=method == "full")
+    client = C.load(resumed, info, rank=0, world=1, strict=method == "full", seed=0)
     assert client == {"step": 3}
     assert resumed.global_steps == 3 and resumed.micro_steps == 3 * ga
     tail = R.run(resumed, job, STEPS - 3, first_step=3)
@@ -111,11 +112,11 @@ def test_lora_checkpoint_leaves_the_frozen_base_out(tmp_path):
     job = load_job(_job_path(tmp_path, "qlora", "bf16", 1), for_training=True)
     engine = _plain(job)
     engine.save_checkpoint(tmp_path, tag="t", client_state={}, save_latest=False, exclude_frozen_parameters=True)
-    saved = torch.load(tmp_path / "t" / E.STATE_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "t" / C.PLAIN_STATE_FILE, weights_only=True)
     assert sorted(saved["module"]) == sorted(engine.names) and all("lora_" in n for n in saved["module"])
     assert not (tmp_path / "latest").exists()
     engine.save_checkpoint(tmp_path, tag="all", client_state={}, save_latest=True, exclude_frozen_parameters=False)
-    assert len(torch.load(tmp_path / "all" / E.STATE_FILE, weights_only=True)["module"]) > len(engine.names)
+    assert len(torch.load(tmp_path / "all" / C.PLAIN_STATE_FILE, weights_only=True)["module"]) > len(engine.names)
     assert (tmp_path / "latest").read_text() == "all"
 
 
@@ -128,12 +129,12 @@ def test_deepspeed_checkpoint_is_refused_in_one_line(tmp_path):
         engine.load_checkpoint(tmp_path, tag="step00000003")
     assert "\n" not in str(exc.value)
     assert engine.load_checkpoint(tmp_path, tag="step00000009") == (None, None)  # nothing there: DeepSpeed's answer
-    assert E.written_by(tmp_path / "step00000003") == "deepspeed"
+    assert C.written_by(tmp_path / "step00000003") == "deepspeed"
     (tmp_path / "z3").mkdir()
     (tmp_path / "z3" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
-    assert E.written_by(tmp_path / "z3") == "deepspeed"
+    assert C.written_by(tmp_path / "z3") == "deepspeed"
     engine.save_checkpoint(tmp_path, tag="mine", save_latest=False)
-    assert E.written_by(tmp_path / "mine") == "plain" and E.written_by(tmp_path / "step00000009") is None
+    assert C.written_by(tmp_path / "mine") == "plain" and C.written_by(tmp_path / "step00000009") is None
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

@@ -370,7 +370,7 @@ def _assert_full_export(run: Path, out: Path, want: dict[str, torch.Tensor], tmp
 def test_full_plain_engine_export_is_the_checkpoints_weights(full_plain, tmp_path):
     """PlainEngine's plain_engine.pt; an interrupted export's leftover <out>.tmp is cleared."""
     from orchestrator.checkpoint import latest
-    from orchestrator.engine import STATE_FILE
+    from orchestrator.checkpoint import PLAIN_STATE_FILE
 
     out = tmp_path / "hf"
     leftover = tmp_path / "hf.tmp"
@@ -383,7 +383,7 @@ def test_full_plain_engine_export_is_the_checkpoints_weights(full_plain, tmp_pat
     assert result.difference is None and sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          export.METADATA_FILE])
-    module = torch.load(latest(full_plain / "checkpoints").path / STATE_FILE, weights_only=True)["module"]
+    module = torch.load(latest(full_plain / "checkpoints").path / PLAIN_STATE_FILE, weights_only=True)["module"]
     _assert_full_export(full_plain, out, {k.removeprefix("lm."): v for k, v in module.items()}, tmp_path)
 
 

@@ -5,12 +5,12 @@ training.compile=true vs false.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import check, loss_parity, losses, metrics, out_dir, run_trainer, summary, tiny_job
+from orchestrator.errors import Exit
+from tests.train_helpers import check, loss_parity, losses, metrics, out_dir, run_trainer, stopped_copy, summary, tiny_job
 
 pytestmark = pytest.mark.slow
 
@@ -45,21 +45,8 @@ def test_plain_engine_trains_like_deepspeed(deepspeed_run, plain_run):
     assert files == {"plain_engine.pt", "rng_rank0.pt", "COMPLETE"}
 
 
-def _resumable_copy(job: Path, folder: Path) -> Path:
-    """A copy of a finished run as a run stopped after step 3 leaves it (no step-6 checkpoint, no metrics, no
-    summary.json; a finished run's --resume leaves it alone): resume starts at step 3."""
-    shutil.copytree(job.parent, folder)
-    copy = folder / job.name
-    copy.write_text(job.read_text().replace(str(job.parent), str(folder)))
-    out = out_dir(copy)
-    shutil.rmtree(out / "checkpoints" / "step00000006")
-    (out / "metrics.jsonl").unlink()
-    (out / "summary.json").unlink()
-    return copy
-
-
 def test_plain_engine_resumes_through_the_trainer(tmp_path, plain_run):
-    job = _resumable_copy(plain_run, tmp_path / "resume")
+    job = stopped_copy(plain_run, tmp_path / "resume", after_step=3)
     proc = run_trainer(job, args=("--resume",))
     check(proc)
     assert "resumed from" in proc.stderr and "step 3" in proc.stderr
@@ -69,14 +56,14 @@ def test_plain_engine_resumes_through_the_trainer(tmp_path, plain_run):
 
 
 def test_checkpoint_of_the_other_engine_is_a_clear_error(tmp_path, deepspeed_run, plain_run):
-    job = _resumable_copy(deepspeed_run, tmp_path / "ds")
+    job = stopped_copy(deepspeed_run, tmp_path / "ds", after_step=3)
     proc = run_trainer(job, args=("--resume",), overrides=("training.engine=plain",))
-    check(proc, 5)
+    check(proc, Exit.BAD_SPEC)  # a spec setting to change, found before anything loads
     assert "written by the deepspeed engine, this run uses the plain engine; resume it with training.engine=deepspeed" \
         in proc.stderr
-    job = _resumable_copy(plain_run, tmp_path / "plain")
+    job = stopped_copy(plain_run, tmp_path / "plain", after_step=3)
     proc = run_trainer(job, args=("--resume",), overrides=("training.engine=deepspeed",))
-    check(proc, 5)
+    check(proc, Exit.BAD_SPEC)
     assert "written by the plain engine, this run uses the deepspeed engine; resume it with training.engine=plain" \
         in proc.stderr
 

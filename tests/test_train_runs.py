@@ -12,7 +12,6 @@ Measured on this CPU (fp32): see PARITY_RTOL.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train_helpers import check, loss_parity, losses, metrics, out_dir, run_trainer, summary, tiny_job
+from tests.train_helpers import check, loss_parity, losses, metrics, out_dir, run_trainer, stopped_copy, summary, tiny_job
 
 pytestmark = pytest.mark.slow
 
@@ -147,37 +146,23 @@ def test_qlora_zero3_matches_single_process_and_shards_4bit(qlora_1, qlora_z3):
 
 
 def test_resume_gives_the_same_losses(tmp_path, qlora_z3):
-    src = out_dir(qlora_z3)
-    folder = tmp_path / "resume"
-    shutil.copytree(qlora_z3.parent, folder)
-    job = folder / qlora_z3.name
-    text = job.read_text().replace(str(qlora_z3.parent), str(folder))
-    job.write_text(text)
-    out = out_dir(job)
-    # as a run stopped after step 3 left it (a finished run's --resume leaves it alone: test_run_folder.py)
-    shutil.rmtree(out / "checkpoints" / "step00000006")
-    (out / "metrics.jsonl").unlink()
-    (out / "summary.json").unlink()
+    job = stopped_copy(qlora_z3, tmp_path / "resume", after_step=3)
     proc = run_trainer(job, 2, args=("--resume",))
     check(proc)
     assert "resumed from" in proc.stderr and "step 3" in proc.stderr
-    before, after = losses(src), losses(out)
+    before, after = losses(out_dir(qlora_z3)), losses(out_dir(job))
     assert sorted(after) == [4, 5, 6]
     for step in after:  # same data position, RNG and optimizer state: the same numbers
         assert after[step] == pytest.approx(before[step], rel=1e-6, abs=0), (before, after)
 
 
-def test_resume_on_fewer_processes_is_a_clear_error(tmp_path, qlora_z3):
-    folder = tmp_path / "fewer"
-    shutil.copytree(qlora_z3.parent, folder)
-    job = folder / qlora_z3.name
-    job.write_text(job.read_text().replace(str(qlora_z3.parent), str(folder)).replace("strategy: zero3", "strategy: single_gpu"))
-    out = out_dir(job)
-    shutil.rmtree(out / "checkpoints" / "step00000006")  # stopped after step 3: not finished
-    (out / "summary.json").unlink()
+def test_resume_under_another_zero_stage_is_a_clear_error(tmp_path, qlora_z3):
+    job = stopped_copy(qlora_z3, tmp_path / "stage", after_step=3)
+    job.write_text(job.read_text().replace("strategy: zero3", "strategy: single_gpu"))
     proc = run_trainer(job, 1, args=("--resume",))
-    check(proc, 5)
-    assert "saved by 2 processes, this run has 1" in proc.stderr and "ds_to_universal" in proc.stderr
+    check(proc, 2)
+    assert "saved under strategy zero3 (ZeRO stage 3)" in proc.stderr and "resume with strategy: zero3" in proc.stderr
+    assert not (out_dir(job) / "checkpoints" / "step00000003" / "universal").exists()
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,12 @@ def test_latest_ignores_checkpoints_without_marker(tmp_path):
         d.mkdir(parents=True)
         (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
         if complete:
-            (d / C.MARKER).write_text(json.dumps({"step": step, "world_size": 2, "strategy": "zero3"}))
+            (d / C.MARKER).write_text(json.dumps({"step": step, "world_size": 2, "strategy": "zero3", "global_batch": step + 2}))
     (root / "step00000012").mkdir()
     (root / "step00000012" / C.MARKER).write_text("not json")  # torn/foreign marker: not complete
     info = C.latest(root)
     assert info is not None and info.step == 6 and info.world_size == 2 and info.tag == "step00000006"
+    assert info.global_batch == 8
     assert C.latest(tmp_path / "nothing") is None
 
 
@@ -145,3 +146,56 @@ def test_a_failed_wandb_call_turns_wandb_off_and_metrics_go_on(tmp_path, capsys)
     warnings = capsys.readouterr().err.splitlines()
     assert warnings == ["orch: warning: wandb log of step 1 failed (ConnectionResetError: [Errno 104] Connection "
                         "reset by peer); logging to metrics.jsonl only from now on"]
+
+
+def _info(tmp_path, strategy: str, world: int, global_batch=8) -> C.CheckpointInfo:
+    return C.CheckpointInfo(tmp_path / "step00000004", "step00000004", 4, world, strategy, global_batch)
+
+
+@pytest.mark.parametrize("saved,written,strategy,engine,world,batch,wanted", [
+    # the data position and the lr schedule count global batches
+    (("zero3", 2), "deepspeed", "zero3", "deepspeed", 2, 16, "training.global_batch_size 8, this run has 16"),
+    (("zero3", 2), "deepspeed", "zero2", "deepspeed", 1, 8, "resume with strategy: zero3"),  # DeepSpeed fails 3 -> 2
+    (("zero2", 2), "deepspeed", "zero3", "deepspeed", 2, 8, "resume with strategy: zero2"),
+    (("single_gpu", 1), "plain", "zero2", "deepspeed", 1, 8, "resume with strategy: single_gpu"),
+    (("single_gpu", 1), "plain", "single_gpu", "deepspeed", 1, 8, "training.engine=plain"),
+    (("single_gpu", 1), "deepspeed", "single_gpu", "deepspeed", 2, 8, "has no ZeRO): resume it on 1"),
+    (("zero3_offload_optimizer_nvme", 2), "deepspeed", "zero3_offload_optimizer", "deepspeed", 1, 8, "NVMe"),
+    (("zero3", 2), "deepspeed", "zero3_offload_all_nvme", "deepspeed", 4, 8, "NVMe"),
+])
+def test_check_resumable_names_what_to_keep(tmp_path, saved, written, strategy, engine, world, batch, wanted):
+    with pytest.raises(C.CheckpointError) as err:
+        C.check_resumable(_info(tmp_path, *saved), written, strategy, engine, world, batch)
+    assert wanted in str(err.value) and err.value.code == Exit.BAD_SPEC
+
+
+@pytest.mark.parametrize("saved,strategy,world,batch", [
+    (("zero3", 2, 8), "zero3_offload_optimizer", 1, 8),  # offload may change with the process count
+    (("zero2", 1, 8), "zero2", 4, 8),
+    (("zero3", 2, None), "zero3", 2, 32),  # a marker from before the global batch was recorded
+])
+def test_check_resumable_lets_a_zero_checkpoint_change_process_count(tmp_path, saved, strategy, world, batch):
+    C.check_resumable(_info(tmp_path, *saved), "deepspeed", strategy, "deepspeed", world, batch)
+
+
+def test_conversion_needs_room_for_two_copies_of_the_optimizer_state(tmp_path, monkeypatch):
+    """A full disk cannot be made here: preflight.disk_free is replaced, as the output-dir room tests do."""
+    from orchestrator import preflight
+
+    info = _info(tmp_path, "zero3", 2)
+    info.path.mkdir()
+    (info.path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 300)
+    (info.path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 200)
+    (info.path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)  # not converted
+    assert C.conversion_bytes(info.path) == 2 * (300 + 200)
+    monkeypatch.setattr(preflight, "disk_free", lambda folder: 999)
+    with pytest.raises(C.CheckpointError, match="needs about"):
+        C.to_universal(info)
+    assert sorted(p.name for p in info.path.iterdir()) == ["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                                           "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_a_checkpoint_of_an_unknown_strategy_is_named_not_guessed(tmp_path):
+    with pytest.raises(C.CheckpointError, match="strategy 'zero9', which this orch does not know"):
+        C.check_resumable(_info(tmp_path, "zero9", 2), "deepspeed", "zero3", "deepspeed", 2, 8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,19 @@ def summary(out: Path) -> dict:
 
 def out_dir(job: Path) -> Path:
     return Path(yaml.safe_load(job.read_text())["training"]["output_dir"])
+
+
+def stopped_copy(job: Path, folder: Path, after_step: int) -> Path:
+    """A copy, in ``folder``, of ``job`` and its finished run as a run stopped after ``after_step`` left it
+    (later checkpoints, summary.json and metrics.jsonl gone); returns the copied job. Resuming it
+    retrains the steps after ``after_step``."""
+    shutil.copytree(job.parent, folder)
+    copied = folder / job.name
+    copied.write_text(copied.read_text().replace(str(job.parent), str(folder)))
+    out = out_dir(copied)
+    for ckpt in (out / "checkpoints").glob("step*"):
+        if ckpt.is_dir() and int(ckpt.name.removeprefix("step")) > after_step:
+            shutil.rmtree(ckpt)
+    (out / "summary.json").unlink()
+    (out / "metrics.jsonl").unlink()
+    return copied
