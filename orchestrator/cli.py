@@ -110,13 +110,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return Exit.OK if result.chosen else Exit.NO_FIT
 
 
-def _compile(job, args: argparse.Namespace):
+def _compile(job, args: argparse.Namespace, keep_zero_stage: Optional[int] = None):
     """`compile`'s and `submit`'s outputs in memory (nothing written); no fit names the job file."""
     from orchestrator import compiler, planner
 
     options = compiler.CompileOptions(portable=args.portable, python=args.python)
     try:
-        return compiler.build(job, args.out, options)
+        return compiler.build(job, args.out, options, keep_zero_stage)
     except planner.NoFitError as exc:
         raise planner.NoFitError(f"{args.job}: no strategy fits: {exc}") from None
 
@@ -135,7 +135,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     job = _load(args, for_training=not args.dry_run)
     options = submit.SubmitOptions(dry_run=args.dry_run, local=args.local, resume=args.resume, restart=args.restart)
-    return submit.submit(_compile(job, args), options)
+    keep = None
+    if args.resume:  # strategy auto keeps the ZeRO stage of the checkpoint it continues
+        from orchestrator.checkpoint import kept_zero_stage
+
+        keep = kept_zero_stage(job.output_dir())
+    return submit.submit(_compile(job, args, keep), options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -109,11 +109,13 @@ def resolve_job(job: JobSpec, strategy: str, portable: bool) -> JobSpec:
     return JobSpec.model_validate(data)
 
 
-def build(job: JobSpec, out_dir, options: CompileOptions = CompileOptions()) -> Compiled:
+def build(job: JobSpec, out_dir, options: CompileOptions = CompileOptions(),
+          keep_zero_stage: Optional[int] = None) -> Compiled:
     """Resolve the strategy and the auto knobs, and render every output in memory (the compiled job and
     the DeepSpeed JSON carry the concrete micro batch and checkpointing: the trainer never sees auto).
+    ``keep_zero_stage``: that of the checkpoint a ``--resume`` continues (planner.resolve).
     Raises planner.NoFitError."""
-    strategy, concrete = planner.resolve(job)
+    strategy, concrete = planner.resolve(job, keep_zero_stage)
     resolved = resolve_job(concrete, strategy, options.portable)
     files = output_files(job, Path(out_dir))
     ds = build_ds_config(resolved, strategy, resolved.shape())

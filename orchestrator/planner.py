@@ -187,8 +187,12 @@ class Plan:
 # Valid strategies
 
 
-def valid_strategies(job: JobSpec) -> list[str]:
+def valid_strategies(job: JobSpec, keep_zero_stage: Optional[int] = None) -> list[str]:
     """Strategies that make sense for the method and hardware.
+
+    ``keep_zero_stage``: only that ZeRO stage's strategies, plain ZeRO-2/3 on one GPU
+    included (a ``--resume`` loads a checkpoint only into the stage that wrote it:
+    checkpoint.check_resumable).
 
     single_gpu only on one GPU. Plain ZeRO-2/3 on one GPU shard nothing, so
     they are offered only with more than one; the offload variants are offered
@@ -200,9 +204,11 @@ def valid_strategies(job: JobSpec) -> list[str]:
     world = job.hardware.world_size
     out = []
     for s in STRATEGIES.values():
+        if keep_zero_stage is not None and s.zero_stage != keep_zero_stage:
+            continue
         if s.name == "single_gpu" and world != 1:
             continue
-        if s.name in ("zero2", "zero3") and world == 1:
+        if s.name in ("zero2", "zero3") and world == 1 and keep_zero_stage is None:
             continue
         if s.needs_nvme and not job.hardware.nvme_path:
             continue
@@ -427,11 +433,12 @@ def _runner_up(chosen: Candidate, searched: list[Candidate]) -> Optional[Candida
             or _best([c for c in searched if c is not chosen]))
 
 
-def plan(job: JobSpec) -> Plan:
-    """Evaluate every valid strategy, each with its best knobs where the spec says auto, and choose
-    (job.strategy if forced, else the fastest that fits)."""
+def plan(job: JobSpec, keep_zero_stage: Optional[int] = None) -> Plan:
+    """Evaluate every valid strategy (of ``keep_zero_stage`` only, when given: valid_strategies),
+    each with its best knobs where the spec says auto, and choose (job.strategy if forced, else the
+    fastest that fits)."""
     shape = job.shape()
-    searched = {s: _search(job, s, shape) for s in valid_strategies(job)}
+    searched = {s: _search(job, s, shape) for s in valid_strategies(job, keep_zero_stage)}
     if job.strategy != "auto" and job.strategy not in searched:
         searched[job.strategy] = _search(job, job.strategy, shape)
     searched = {s: found for s, found in searched.items() if found}
@@ -581,18 +588,21 @@ def suggest(job: JobSpec, shape: ModelShape) -> str:
             f"global batch or a smaller model")
 
 
-def resolve(job: JobSpec) -> tuple[str, JobSpec]:
+def resolve(job: JobSpec, keep_zero_stage: Optional[int] = None) -> tuple[str, JobSpec]:
     """The strategy to run and ``job`` with every auto knob replaced by the planner's choice.
 
     A forced strategy is returned as is, fitting or not (compile and the trainer do not
     second-guess it); its auto knobs are the fastest that fit it, else the most frugal ones.
+    ``keep_zero_stage``: a ``--resume`` continues a checkpoint of that ZeRO stage
+    (checkpoint.kept_zero_stage), so strategy auto chooses among that stage's strategies only.
     Raises NoFitError when strategy auto finds nothing that fits.
     """
     if job.strategy != "auto" and job.knobs_resolved():
         return job.strategy, job
-    result = plan(job)
+    result = plan(job, keep_zero_stage if job.strategy == "auto" else None)
     if result.chosen is None and job.strategy == "auto":
-        raise NoFitError(f"{result.reason} {result.suggestion}".strip())
+        kept = "" if keep_zero_stage is None else f"--resume keeps the checkpoint's ZeRO stage {keep_zero_stage}: "
+        raise NoFitError(f"{kept}{result.reason} {result.suggestion}".strip())
     strategy = result.chosen or job.strategy
     picked = next((c for c in result.candidates if c.strategy == strategy), None)
     if picked is None:

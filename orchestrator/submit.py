@@ -124,6 +124,12 @@ def preflight(compiled: Compiled, options: SubmitOptions) -> None:
     out = compiled.job.output_dir()
     P.check_output_dir(out, P.checkpoint_bytes(compiled.job, compiled.strategy))
     P.check_run_folder(out, options.resume, options.restart)
+    if options.resume:  # a checkpoint this run cannot continue (another global batch, ZeRO stage, ...)
+        from orchestrator import checkpoint, levers
+
+        job = compiled.job
+        checkpoint.resume_point(out, compiled.strategy, levers.engine(job, compiled.strategy), job.hardware.world_size,
+                                job.training.global_batch_size)
 
 
 def sbatch_command(compiled: Compiled, options: SubmitOptions) -> list[str]:

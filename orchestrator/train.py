@@ -82,13 +82,14 @@ def resolve_job(options: TrainOptions):
     (the job may run on a node that sees another file system than the submitter, and after another
     run wrote into it): room for a checkpoint, and a run already there only with --resume or --restart."""
     from orchestrator import planner, preflight
+    from orchestrator.checkpoint import kept_zero_stage
     from orchestrator.spec import load_job
 
     job = load_job(options.job, list(options.overrides), for_training=True)
     strategy = job.strategy
     if strategy == "auto" or not job.knobs_resolved():
         # `orch train JOB` on a spec: choose like `orch compile` does (a compiled job has no auto left)
-        strategy, job = planner.resolve(job)
+        strategy, job = planner.resolve(job, kept_zero_stage(job.output_dir()) if options.resume else None)
     try:
         preflight.check_output_dir(job.output_dir(), preflight.checkpoint_bytes(job, strategy))
     except preflight.PreflightError as exc:

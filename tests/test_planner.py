@@ -326,3 +326,22 @@ def test_next_strategy_is_the_first_later_one_that_fits():
     tiny = load("llama8b_full_2x80.yaml", "hardware.gpu=null", "hardware.gpu_memory_gb=4")
     assert not any(fits(tiny).values())
     assert planner.next_strategy(tiny, "zero2") == "zero3"
+
+
+def test_resume_keeps_the_checkpoint_zero_stage():
+    """--resume with strategy auto chooses among the ZeRO stage of the checkpoint it continues (DeepSpeed loads a
+    universal checkpoint only into that stage), plain ZeRO-2/3 on one GPU included; unchanged without one."""
+    from orchestrator.strategy import STRATEGIES
+
+    job = load("llama8b_qlora_24gb.yaml")  # one 24 GB GPU
+    assert planner.resolve(job)[0] == "single_gpu"
+    assert planner.resolve(job, keep_zero_stage=0)[0] == "single_gpu"
+    assert planner.resolve(job, keep_zero_stage=2)[0] == "zero2"  # not offered on one GPU otherwise
+    three = planner.resolve(job, keep_zero_stage=3)[0]
+    assert STRATEGIES[three].zero_stage == 3
+    assert planner.valid_strategies(job, keep_zero_stage=3) == ["zero3", "zero3_offload_optimizer", "zero3_offload_all"]
+    forced = load("llama8b_qlora_24gb.yaml", "strategy=zero3_offload_all")
+    assert planner.resolve(forced, keep_zero_stage=2)[0] == "zero3_offload_all"  # a forced strategy stays as set
+    big = load("llama8b_full_2x80.yaml", "hardware.gpus_per_node=1", "hardware.host_ram_gb=64")
+    with pytest.raises(planner.NoFitError, match="--resume keeps the checkpoint's ZeRO stage 2"):
+        planner.resolve(big, keep_zero_stage=2)

@@ -136,3 +136,40 @@ def test_restart_moves_the_run_aside_and_trains_from_step_0(finished_run, tmp_pa
     assert _snapshot(previous) == first  # the first run, whole and untouched
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]  # trained again from step 1, each step once
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def _planted_checkpoint(out: Path, strategy: str, world: int, global_batch: int) -> Path:
+    """A complete checkpoint's marker and DeepSpeed's model-states file name (what `--resume` reads
+    before anything loads); the tensors themselves are never read by these tests."""
+    ckpt = out / "checkpoints" / "step00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": world, "strategy": strategy,
+                                               "global_batch": global_batch}))
+    return ckpt
+
+
+@pytest.mark.parametrize("saved", ["zero2", "zero3"])
+def test_submit_resume_with_strategy_auto_keeps_the_checkpoint_zero_stage(tmp_path, saved):
+    from orchestrator.strategy import STRATEGIES
+
+    job = tiny_job(tmp_path, "keep", strategy="auto")
+    _planted_checkpoint(out_dir(job), saved, 2, 8)
+    fresh = run_orch("submit", job, "--dry-run", "--out", tmp_path / "c", cwd=tmp_path)
+    resumed = run_orch("submit", job, "--dry-run", "--resume", "--out", tmp_path / "c", cwd=tmp_path)
+    assert fresh.returncode == resumed.returncode == 0, fresh.stderr + resumed.stderr
+    chosen = {name: next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("strategy:"))
+              for name, p in (("fresh", fresh), ("resumed", resumed))}
+    assert STRATEGIES[chosen["fresh"]].zero_stage == 0  # one GPU: single_gpu unless a checkpoint says otherwise
+    assert STRATEGIES[chosen["resumed"]].zero_stage == STRATEGIES[saved].zero_stage
+
+
+def test_submit_resume_refuses_a_changed_global_batch_before_launching(tmp_path):
+    job = tiny_job(tmp_path, "batch", strategy="zero3", training={"global_batch_size": 16})
+    out = out_dir(job)
+    _planted_checkpoint(out, "zero3", 2, 8)
+    proc = run_orch("submit", job, "--local", "--resume", "--out", tmp_path / "c", cwd=tmp_path)
+    assert proc.returncode == Exit.BAD_SPEC, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "trained with training.global_batch_size 8, this run has 16" in line
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing launched
