@@ -91,15 +91,20 @@ def test_a_killed_conversion_is_never_used(reference, tmp_path):
     assert_same_losses(reference, job, [3, 4, 5, 6])
 
 
-@pytest.mark.parametrize("reference", [("full", "zero2")], indirect=True, ids=["full-zero2"])
-def test_a_failed_conversion_stops_with_one_line_and_leaves_the_checkpoint(reference, tmp_path):
-    job = stopped_copy(reference, tmp_path / "failed", after_step=2)
+@pytest.mark.parametrize("saved_by,resumed_on", [(2, 1), (1, 2)])
+def test_a_failed_conversion_stops_with_one_line_and_leaves_the_checkpoint(tmp_path, saved_by, resumed_on):
+    """On 2 processes rank 0 converts and rank 1 waits: it must get the failure too, not hang."""
+    first = tiny_job(tmp_path, "torn", strategy="zero2", training={"save_every": 2, "max_steps": 4})
+    check(run_trainer(first, saved_by))
+    job = stopped_copy(first, tmp_path / "failed", after_step=2)
     ckpt = out_dir(job) / "checkpoints" / "step00000002"
-    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"torn")  # a partition DeepSpeed cannot read
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"torn")  # a partition DeepSpeed cannot read
     before = _files(ckpt)
-    proc = run_trainer(job, 1, args=("--resume",))
+    proc = run_trainer(job, resumed_on, args=("--resume",))
     check(proc, 5)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("orch: error:")]
-    assert len(errors) == 1 and "universal conversion" in errors[0] and "Traceback" not in proc.stderr
+    # every rank stops on rank 0's error, one line each (not stopped by the launcher mid-load)
+    assert len(errors) == resumed_on and all("universal conversion" in e for e in errors)
+    assert "Traceback" not in proc.stderr
     assert _files(ckpt) == before  # nothing added (no universal/ nor universal.partial/), nothing changed
     assert not (out_dir(job) / "metrics.jsonl").exists()  # no step trained
