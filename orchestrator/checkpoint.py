@@ -70,25 +70,26 @@ class CheckpointInfo:
     """Sequences per optimizer step of the run that wrote it (None: a marker from before orch recorded it)."""
 
 
+def read_info(folder: Path) -> Optional[CheckpointInfo]:
+    """The checkpoint in ``folder`` when it is complete (its marker is there and ours), else None."""
+    marker = folder / MARKER
+    if not (folder.is_dir() and marker.is_file()):
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+        batch = meta.get("global_batch")
+        return CheckpointInfo(folder, folder.name, int(meta["step"]), int(meta["world_size"]), str(meta["strategy"]),
+                              None if batch is None else int(batch))
+    except (ValueError, KeyError, OSError, AttributeError, TypeError):
+        return None  # a marker that is not ours / unreadable: not complete
+
+
 def latest(root: Path) -> Optional[CheckpointInfo]:
     """The complete checkpoint with the highest step under ``root``, or None."""
-    best = None
     if not root.is_dir():
         return None
-    for d in root.iterdir():
-        marker = d / MARKER
-        if not (d.is_dir() and marker.is_file()):
-            continue
-        try:
-            meta = json.loads(marker.read_text())
-            batch = meta.get("global_batch")
-            info = CheckpointInfo(d, d.name, int(meta["step"]), int(meta["world_size"]), str(meta["strategy"]),
-                                  None if batch is None else int(batch))
-        except (ValueError, KeyError, OSError):
-            continue  # a marker that is not ours / unreadable: not complete
-        if best is None or info.step > best.step:
-            best = info
-    return best
+    complete = [info for info in map(read_info, root.iterdir()) if info is not None]
+    return max(complete, key=lambda info: info.step, default=None)
 
 
 def written_by(folder: Path) -> Optional[str]:

@@ -154,7 +154,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.max_shard_mb <= 0:
         raise OrchError(f"--max-shard-mb: got {args.max_shard_mb}; must be > 0", Exit.BAD_SPEC)
-    result = export.export_run(Path(args.run_dir), Path(args.out), max_shard_bytes=int(args.max_shard_mb * 10**6))
+    result = export.export_run(Path(args.run_dir), Path(args.out), max_shard_bytes=int(args.max_shard_mb * 10**6),
+                               which=args.checkpoint)
     print(export.render(result))
     return Exit.OK
 
@@ -223,10 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     train.add_arguments(p)
 
-    p = add("export", cmd_export, "write a run's latest complete checkpoint as a Hugging Face model folder (LoRA/QLoRA "
-            "merged into the base; no orch or PEFT needed to load it)", "orch export runs/tiny --out runs/tiny-hf")
+    p = add("export", cmd_export, "write a run's complete checkpoint (the latest, the best eval's, or a named step) as a "
+            "Hugging Face model folder (LoRA/QLoRA merged into the base; no orch or PEFT needed to load it)",
+            "orch export runs/tiny --out runs/tiny-hf")
     p.add_argument("run_dir", help="the run's output dir (training.output_dir), holding job.yaml and checkpoints/")
     p.add_argument("--out", required=True, help="new folder to write (must not exist, or be empty)")
+    p.add_argument("--checkpoint", default="latest", metavar="latest|best|stepNNNNNNNN",
+                   help="which complete checkpoint: the latest (default), the best eval's (summary.json's best_checkpoint), "
+                   "or a step's folder under checkpoints/")
     p.add_argument("--max-shard-mb", type=float, default=5000,
                    help="largest safetensors file in MB (10^6 bytes; default 5000); a larger single tensor gets its own")
 

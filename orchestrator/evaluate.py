@@ -13,7 +13,7 @@ best, and when ``patience`` evals in a row have not improved on it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -117,6 +117,22 @@ class Evals:
         verdict = self.stopping.update(step, result.loss)
         self.stopped_early = self.stopped_early or verdict.stop
         return verdict
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the evals so far (in its client state; plain numbers): a resumed
+        run goes on with the same best eval and early-stopping count."""
+        s = self.stopping
+        return {"best_loss": s.best_loss, "best_step": s.best_step, "evals_since_best": s.evals_since_best,
+                "last": None if self.last is None else asdict(self.last), "last_step": self.last_step}
+
+    def restore(self, state: Optional[dict]) -> None:
+        """Go on from a checkpoint's `state` (None: a checkpoint from before orch kept it: start afresh)."""
+        if state is None:
+            return
+        s = self.stopping
+        s.best_loss, s.best_step, s.evals_since_best = state["best_loss"], state["best_step"], state["evals_since_best"]
+        self.last = None if state["last"] is None else EvalResult(**state["last"])
+        self.last_step = state["last_step"]
 
     def summary(self, checkpoint_root: Path) -> dict:
         """summary.json's eval fields; best_checkpoint is the best step's checkpoint folder when it was saved."""

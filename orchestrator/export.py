@@ -9,8 +9,10 @@ exported from where and, for lora/qlora, how far the exported model's logits are
 forward on a fixed batch). The adapter-only PEFT folder the trainer writes (``RUN_DIR/adapter``)
 is left as it is.
 
-The source is the run's ``job.yaml`` (compiler.write_run_job) and its latest complete checkpoint
-(checkpoint.latest: one whose COMPLETE marker is written), never a partial one:
+The source is the run's ``job.yaml`` (compiler.write_run_job) and one complete checkpoint (its
+COMPLETE marker is written), never a partial one: the latest (default), the best eval's
+(``--checkpoint best``: summary.json's ``best_checkpoint``), or a named step (``--checkpoint
+stepNNNNNNNN``):
 
 * full: every weight is read from the checkpoint one tensor at a time and cast to model.dtype.
   PlainEngine's ``plain_engine.pt`` and DeepSpeed's stage 0-2 ``mp_rank_00_model_states.pt`` hold
@@ -91,11 +93,44 @@ class Run:
     job: JobSpec
     """The job that trained it, from ``<folder>/job.yaml``."""
     checkpoint: C.CheckpointInfo
-    """Its latest complete checkpoint."""
+    """The complete checkpoint to export (`pick_checkpoint`)."""
 
 
-def read_run(folder: Path) -> Run:
-    """The run in ``folder``. ExportError (one line) when there is no readable job or no complete checkpoint."""
+LATEST, BEST = "latest", "best"
+"""`orch export --checkpoint` values besides a step's folder name."""
+
+
+def pick_checkpoint(folder: Path, which: str) -> C.CheckpointInfo:
+    """The complete checkpoint of the run in ``folder`` that ``which`` names: LATEST, BEST (the best
+    eval's, as the run's summary.json records it) or a folder name under checkpoints/ (stepNNNNNNNN).
+    ExportError (one line) when there is none such."""
+    root = folder / "checkpoints"
+    if which == LATEST:
+        info = C.latest(root)
+        if info is None:
+            raise ExportError(f"{folder}: no complete checkpoint in {root} (a checkpoint is complete once its "
+                              f"{C.MARKER} marker is written); nothing to export")
+        return info
+    tag = which
+    if which == BEST:
+        try:
+            tag = json.loads((folder / "summary.json").read_text()).get("best_checkpoint")
+        except (OSError, ValueError, AttributeError):
+            tag = None
+        if not tag:
+            raise ExportError(f"--checkpoint best: {folder / 'summary.json'} names no best checkpoint (the run has no "
+                              "eval split, or has not finished); give --checkpoint latest or stepNNNNNNNN")
+    if "/" in tag or tag in ("", ".", ".."):
+        raise ExportError(f"--checkpoint: {which!r} is not a checkpoint folder name (latest, best or stepNNNNNNNN)")
+    info = C.read_info(root / tag)
+    if info is None:
+        raise ExportError(f"--checkpoint {which}: {root / tag} is not a complete checkpoint")
+    return info
+
+
+def read_run(folder: Path, which: str = LATEST) -> Run:
+    """The run in ``folder`` with the checkpoint ``which`` names (`pick_checkpoint`). ExportError (one
+    line) when there is no readable job or no such complete checkpoint."""
     job_file = folder / RUN_JOB_FILE
     if not folder.is_dir():
         raise ExportError(f"{folder}: no such run folder")
@@ -116,11 +151,7 @@ def read_run(folder: Path) -> Run:
             and not catalog.has_weights(model_folder):
         raise ExportError(f"{job_file}: model.name: {model_folder} has no weights; a {job.method} export merges the "
                           "adapters into the base the run trained on")
-    info = C.latest(folder / "checkpoints")
-    if info is None:
-        raise ExportError(f"{folder}: no complete checkpoint in {folder / 'checkpoints'} (a checkpoint is complete once "
-                          f"its {C.MARKER} marker is written); nothing to export")
-    return Run(folder, job, info)
+    return Run(folder, job, pick_checkpoint(folder, which))
 
 
 class CheckpointWeights:
@@ -427,13 +458,14 @@ NOTES = {
 
 
 def export_run(run_dir: Path, out: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               device: Optional[torch.device] = None) -> ExportResult:
-    """Export ``run_dir``'s latest complete checkpoint into the new folder ``out`` (see the module docstring).
+               device: Optional[torch.device] = None, which: str = LATEST) -> ExportResult:
+    """Export the complete checkpoint ``which`` names (`pick_checkpoint`) of ``run_dir`` into the new
+    folder ``out`` (see the module docstring).
 
     Everything is written into ``<out>.tmp``, which becomes ``out`` only when complete; on failure it is removed.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run = read_run(Path(os.path.abspath(run_dir)))
+    run = read_run(Path(os.path.abspath(run_dir)), which)
     out = Path(os.path.abspath(out))
     tmp = _start_output(out)
     try:

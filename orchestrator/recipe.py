@@ -378,17 +378,20 @@ class LoopState:
 
 
 def finished(out: Path, total_steps: int) -> Optional[str]:
-    """Why the run in ``out`` has done all ``total_steps`` steps (its latest complete checkpoint or
-    its summary.json says so), or None when it has not."""
+    """Why the run in ``out`` is over: all ``total_steps`` steps done (its latest complete checkpoint
+    or its summary.json says so) or ended by early stopping (its summary.json); None when it is not."""
     latest = C.latest(out / "checkpoints")
     if latest is not None and latest.step >= total_steps:
         return f"its checkpoint {latest.tag} is step {latest.step} of {total_steps}"
     try:
-        steps = json.loads((out / "summary.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = json.loads((out / "summary.json").read_text())
+        steps, early_stopped = summary["steps"], summary.get("early_stopped")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if isinstance(steps, int) and steps >= total_steps:
         return f"its summary.json records {steps} of {total_steps} steps"
+    if early_stopped is True:
+        return f"early stopping ended it at step {steps} (its summary.json)"
     return None
 
 
@@ -445,11 +448,15 @@ def with_universal_load(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def resume(job: JobSpec, engine: TrainEngine, point: ResumePoint, rank_info: RankInfo) -> LoopState:
-    """The state of checkpoint ``point`` (checked by `setup_resume`), loaded into ``engine``."""
+def resume(job: JobSpec, engine: TrainEngine, point: ResumePoint, rank_info: RankInfo,
+           evals: Optional[EV.Evals]) -> LoopState:
+    """The state of checkpoint ``point`` (checked by `setup_resume`), loaded into ``engine``; ``evals``
+    goes on from the checkpoint's eval bookkeeping (best eval, early-stopping count)."""
     info = point.checkpoint
     client = C.load(engine.engine, info, rank_info.rank, rank_info.world_size, strict=job.method == "full",
                     seed=job.training.seed)
+    if evals is not None:
+        evals.restore(client.get("eval"))
     step = int(client["step"])
     if rank_info.is_main:
         print(f"orch: resumed from {info.path} at step {step}", file=sys.stderr)
@@ -597,7 +604,8 @@ def save_checkpoint(run: Run, state: LoopState) -> LoopState:
     with the saved step."""
     job, rank_info = run.job, run.rank_info
     client = {"step": state.step, "data_position": state.step * run.batcher.global_batch,
-              "seed": job.training.seed, "world_size": rank_info.world_size}
+              "seed": job.training.seed, "world_size": rank_info.world_size,
+              "eval": run.evals.state() if run.evals is not None else None}
     C.save(run.engine.engine, run.checkpoints, state.step, client, rank_info.rank, rank_info.world_size, run.strategy,
            run.batcher.global_batch,
            lambda: barrier(rank_info), exclude_frozen=job.method != "full", faults=run.faults)
@@ -716,7 +724,7 @@ def recipe(job: JobSpec, strategy: str, rank_info: RankInfo, stop: StopRequest, 
     engine = setup_engine(job, strategy, loaded, ds_config, rank_info)
     load = measure_load(engine, rank_info)
 
-    start = resume(job, engine, point, rank_info) if point is not None else LoopState()
+    start = resume(job, engine, point, rank_info, evals) if point is not None else LoopState()
     log = R.setup_logging(job, strategy, out, rank_info.is_main, rank_info.world_size, resume_run)
     run = Run(job=job, strategy=strategy, rank_info=rank_info, out=out, tokenizer=tokenizer, batcher=batcher,
               total_steps=total_steps, loaded=loaded, engine=engine, log=log, evals=evals, faults=faults)

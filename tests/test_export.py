@@ -115,6 +115,30 @@ def test_refuses_a_run_without_a_complete_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.tmp").exists()
 
 
+def _complete(run: Path, step: int) -> None:
+    ckpt = run / "checkpoints" / f"step{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": step, "world_size": 1, "strategy": "single_gpu"}))
+
+
+def test_checkpoint_choice_latest_best_or_a_step(tmp_path):
+    run = _fake_run(tmp_path, complete=True)  # step 2
+    _complete(run, 1)
+    _complete(run, 3)
+    (run / "checkpoints" / "step00000004").mkdir()  # partial: no marker
+    assert export.pick_checkpoint(run, export.LATEST).tag == "step00000003"
+    assert export.pick_checkpoint(run, "step00000001").step == 1
+    (run / "summary.json").write_text(json.dumps({"best_checkpoint": "step00000002"}))  # as the trainer records it
+    assert export.pick_checkpoint(run, export.BEST).tag == "step00000002"
+    for which, wanted in (("step00000004", "is not a complete checkpoint"), ("../fake", "is not a checkpoint folder name"),
+                          ("step00000009", "is not a complete checkpoint")):
+        with pytest.raises(export.ExportError, match=wanted):
+            export.pick_checkpoint(run, which)
+    (run / "summary.json").write_text(json.dumps({"best_checkpoint": None}))  # no eval split
+    with pytest.raises(export.ExportError, match="names no best checkpoint"):
+        export.pick_checkpoint(run, export.BEST)
+
+
 def test_refuses_an_out_folder_that_is_not_empty(tmp_path, capsys):
     run = _fake_run(tmp_path, complete=True)
     out = tmp_path / "hf"
@@ -385,6 +409,23 @@ def test_full_plain_engine_export_is_the_checkpoints_weights(full_plain, tmp_pat
          export.METADATA_FILE])
     module = torch.load(latest(full_plain / "checkpoints").path / PLAIN_STATE_FILE, weights_only=True)["module"]
     _assert_full_export(full_plain, out, {k.removeprefix("lm."): v for k, v in module.items()}, tmp_path)
+
+
+@pytest.mark.slow
+def test_export_of_the_best_eval_checkpoint(tmp_path_factory, tmp_path, capsys):
+    """A run with an eval split whose second step overshoots (lr 0.3: eval loss 5.97 after step 1, 9.70 after
+    step 2 on this CPU): `--checkpoint best` exports step 1's weights exactly, not the latest's."""
+    from orchestrator.checkpoint import PLAIN_STATE_FILE
+
+    run = _train(tmp_path_factory, "fullbest", 1, data={"eval_fraction": 0.25},
+                 training={"eval_every": 1, "save_every": 1, "lr": 0.3})
+    best = json.loads((run / "summary.json").read_text())["best_checkpoint"]
+    assert best == "step00000001" and export.pick_checkpoint(run, export.LATEST).step == 2
+    code, err = _export_cli(capsys, run, "--out", tmp_path / "hf", "--checkpoint", "best")
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf" / export.METADATA_FILE).read_text())["step"] == 1
+    module = torch.load(run / "checkpoints" / best / PLAIN_STATE_FILE, weights_only=True)["module"]
+    _assert_full_export(run, tmp_path / "hf", {k.removeprefix("lm."): v for k, v in module.items()}, tmp_path)
 
 
 @pytest.mark.slow

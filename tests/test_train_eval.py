@@ -27,7 +27,7 @@ from orchestrator import modeling as M
 from orchestrator.compiler import RUN_JOB_FILE
 from orchestrator.evaluate import EarlyStopping, Verdict
 from orchestrator.spec import load_job
-from tests.train_helpers import check, evals, metrics, out_dir, run_trainer, summary, tiny_job
+from tests.train_helpers import check, evals, metrics, out_dir, run_trainer, stopped_copy, summary, tiny_job
 
 REF_RTOL = 1e-5
 PARITY_RTOL = 1e-5
@@ -134,6 +134,30 @@ def test_early_stopping_ends_training_with_a_checkpoint(tmp_path, capsys):
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert cli.main(["status", str(out)]) == 0
     assert "step 2 / 6 (33 %), finished" in capsys.readouterr().out  # stopped early, not cut off
+
+
+def test_resume_goes_on_with_the_best_eval_and_an_early_stopped_run_stays_finished(tmp_path):
+    # lr 1e-30 as above: every eval loss equals the first, so step 1 stays the best and patience 3 stops at step 4.
+    job = tiny_job(tmp_path, "esr", method="lora", data={"eval_fraction": 0.25},
+                   training={"lr": 1e-30, "eval_every": 1, "early_stopping_patience": 3, "max_steps": 8, "save_every": 2},
+                   logging={"wandb_mode": "disabled", "log_every": 1})
+    check(run_trainer(job))
+    whole = summary(out_dir(job))
+    assert (whole["steps"], whole["best_step"], whole["early_stopped"]) == (4, 1, True)
+
+    again = run_trainer(job, args=("--resume",))  # over by early stopping: nothing to train
+    check(again)
+    assert "is already finished (early stopping ended it at step 4" in again.stderr
+    assert summary(out_dir(job)) == whole
+
+    cut = stopped_copy(job, tmp_path / "cut", after_step=2)
+    proc = run_trainer(cut, args=("--resume",))
+    check(proc)
+    resumed = summary(out_dir(cut))
+    # the evals of steps 3 and 4 are the 2nd and 3rd without a new best (not a new best and its first miss)
+    assert [r["step"] for r in evals(out_dir(cut))] == [3, 4]
+    for key in ("steps", "best_step", "best_eval_loss", "best_checkpoint", "early_stopped"):
+        assert resumed[key] == whole[key], key
 
 
 def test_early_stopping_decides_new_best_and_stop():
