@@ -253,10 +253,14 @@ def to_universal(info: CheckpointInfo, faults: Faults = NO_FAULTS) -> Path:
 
 
 def conversion_bytes(folder: Path) -> int:
-    """Disk the universal conversion of checkpoint ``folder`` takes at its peak: the universal form holds
-    the same fp32 masters and Adam moments as ZeRO's optimizer partitions, and the converter's temporary
-    fragments hold them once more until it finishes."""
-    return 2 * sum(f.stat().st_size for f in folder.glob("*optim_states.pt"))
+    """Disk the universal conversion of checkpoint ``folder`` takes at its peak (an upper bound): the
+    converter's temporary fragments (the fp32 masters and Adam moments of ZeRO's optimizer partitions,
+    once) plus the universal form (the same once more, a copy of the model-states files, and, under
+    ZeRO-3, one partition's optimizer state dict again as ``zero/optimizer_state.pt``: measured by
+    benchmarks/universal_resume.py)."""
+    optim = [f.stat().st_size for f in folder.glob("*optim_states.pt")]
+    models = sum(f.stat().st_size for f in folder.glob(DEEPSPEED_STATE_FILES))
+    return 2 * sum(optim) + models + max(optim, default=0)
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

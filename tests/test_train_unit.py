@@ -178,7 +178,7 @@ def test_check_resumable_lets_a_zero_checkpoint_change_process_count(tmp_path, s
     C.check_resumable(_info(tmp_path, *saved), "deepspeed", strategy, "deepspeed", world, batch)
 
 
-def test_conversion_needs_room_for_two_copies_of_the_optimizer_state(tmp_path, monkeypatch):
+def test_conversion_needs_room_for_its_peak_on_disk(tmp_path, monkeypatch):
     """A full disk cannot be made here: preflight.disk_free is replaced, as the output-dir room tests do."""
     from orchestrator import preflight
 
@@ -186,9 +186,10 @@ def test_conversion_needs_room_for_two_copies_of_the_optimizer_state(tmp_path, m
     info.path.mkdir()
     (info.path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 300)
     (info.path / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 200)
-    (info.path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)  # not converted
-    assert C.conversion_bytes(info.path) == 2 * (300 + 200)
-    monkeypatch.setattr(preflight, "disk_free", lambda folder: 999)
+    (info.path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    # fragments + masters and moments (2 x 500), the model states' copy (1000), one partition again (300)
+    assert C.conversion_bytes(info.path) == 2 * (300 + 200) + 1000 + 300
+    monkeypatch.setattr(preflight, "disk_free", lambda folder: 2299)
     with pytest.raises(C.CheckpointError, match="needs about"):
         C.to_universal(info)
     assert sorted(p.name for p in info.path.iterdir()) == ["zero_pp_rank_0_mp_rank_00_model_states.pt",
