@@ -266,6 +266,66 @@ def _quantize_linears_(layer: nn.Module, settings: dict, skip: list[str], device
     return swapped
 
 
+class _Matmul4bitKeepingParameter(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul (same kernels, same numbers) that keeps the *parameter* for the
+    backward pass, through save_for_backward, instead of a view of its data in a ctx attribute as
+    bitsandbytes' MatMul4Bit does.
+
+    Why: ZeRO-3 frees a gathered weight by swapping the parameter's ``.data``. The view pinned the
+    gathered 4-bit weight of every layer until that layer's backward, and activation checkpointing
+    could not drop it (a ctx attribute bypasses the saved-tensor hooks), so every rank held the whole
+    4-bit model, gathered, once more at the end of the forward (measured on an H100, 2026-11-24, one
+    GPU under ZeRO-3 with parameter offload: 8B 10.8 GiB against a predicted 4.8, 70B 72.1 against
+    8.9; benchmarks/results/device/h100-call16). The parameter itself is what DeepSpeed re-gathers
+    before the backward (or the checkpoint recomputes), as its own ZeRO-3 linear does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        quant_state = weight.quant_state
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(weight)
+        return bnb.matmul_4bit(x, weight, bias=bias, quant_state=quant_state)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        import bitsandbytes.functional as BF
+
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ BF.dequantize_4bit(weight.view(-1, 1), ctx.quant_state).to(grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def _forward_keeping_parameter(self, x: torch.Tensor) -> torch.Tensor:
+    """Linear4bit.forward for training (no inference-only CPU repacking: keep_portable_cpu_4bit_) over
+    _Matmul4bitKeepingParameter."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(self)  # as Linear4bit.forward: a weight that lost its quant_state
+    dtype = x.dtype
+    compute = self.compute_dtype or dtype
+    bias = None if self.bias is None else self.bias.to(compute)
+    return _Matmul4bitKeepingParameter.apply(x.to(compute), self.weight, bias).to(dtype)
+
+
+def keep_4bit_parameters_for_backward_(model: nn.Module) -> int:
+    """Make every bitsandbytes 4-bit layer of ``model`` keep its parameter, not a view of the
+    gathered data, for backward (_Matmul4bitKeepingParameter); returns how many. For ZeRO-3."""
+    import types
+
+    changed = 0
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            m.forward = types.MethodType(_forward_keeping_parameter, m)
+            changed += 1
+    return changed
+
+
 def keep_portable_cpu_4bit_(model: nn.Module) -> None:
     """Keep every bitsandbytes 4-bit layer on its portable CPU code path, whatever the CPU.
 
@@ -619,6 +679,8 @@ def load_model(job: JobSpec, strategy: str, device: torch.device, seed: int,
         keep_portable_cpu_4bit_(model)
     if nquant and device.type == "cpu":
         check_cpu_4bit_shapes(model, job.quantization.block_size)
+    if nquant and sharded:  # ZeRO-3 gathers and frees the 4-bit weights: let it free them
+        keep_4bit_parameters_for_backward_(model)
     base = model
     model.config.use_cache = False
     if job.training.gradient_checkpointing:

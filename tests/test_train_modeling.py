@@ -269,3 +269,50 @@ def test_live_tensor_bytes_skips_tensors_without_storage_left_by_compile():
     probe.sample()
     assert probe.peak == 1000
     del functional, kept
+
+
+def _gathered_4bit_layer(dtype: torch.dtype):
+    """One bitsandbytes 4-bit linear (64 -> 128) made the way orch quantizes, its fp32 weight for reference."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False))
+    settings = {"compute_dtype": dtype, "compress_statistics": False, "quant_type": "nf4", "quant_storage": dtype,
+                "blocksize": 64}
+    assert M._quantize_linears_(layer, settings, [], torch.device("cpu")) == 1
+    M.keep_portable_cpu_4bit_(layer)
+    return layer
+
+
+def _holders(ptr: int) -> int:
+    """Live tensors (found by the garbage collector) whose data starts at ``ptr``."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on every object touches deprecated torch attributes
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() and o.data_ptr() == ptr)
+
+
+@pytest.mark.parametrize("keep_parameter", [False, True], ids=["bitsandbytes", "orch"])
+def test_4bit_forward_lets_zero3_free_the_gathered_weight(keep_parameter, bnb_cpu_path):
+    """ZeRO-3 frees a gathered weight by swapping the parameter's .data. With bitsandbytes' own matmul the
+    forward's graph keeps a view of the data (so every layer's gathered weight lived until its backward);
+    with orch's forward nothing outside the parameter does, and after re-gathering (the data put back, as
+    DeepSpeed does before the backward) the gradient is bitsandbytes' to the bit."""
+    reference, layer = _gathered_4bit_layer(torch.float32), _gathered_4bit_layer(torch.float32)
+    if keep_parameter:
+        assert M.keep_4bit_parameters_for_backward_(layer) == 1
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)  # orch checkpoints decoder layers
+    weight = layer[0].weight
+    gathered = weight.data
+    ptr = gathered.data_ptr()
+    weight.data = torch.empty(0, dtype=gathered.dtype)  # released after the forward
+    del gathered
+    assert _holders(ptr) == (0 if keep_parameter else 1)
+
+    weight.data = reference[0].weight.data.clone()  # gathered again for the backward
+    out.sum().backward()
+    reference(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference(x_ref), rtol=0, atol=0)
