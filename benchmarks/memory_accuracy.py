@@ -106,6 +106,12 @@ CONFIGS: list[Config] = [
     C("full-3b-zero3-offload-all", "calibration", "zero3_offload_all", 2, "method=full", "model.name=llama3-3b"),
     # QLoRA sharded by ZeRO-3 (bf16 storage of the packed weights)
     C("qlora-8b-zero3", "held_out", "zero3", 2, "training.micro_batch_size=2"),
+    # ... and its by-piece load on one GPU (issue 14 part 1: the load's CUDA peak against qlora_zero3_load where
+    # only 1-GPU machines are lent; offload strategies are what the planner picks for big models on one GPU)
+    C("qlora-8b-zero3-1gpu", "calibration", "zero3", 1, "training.micro_batch_size=2"),
+    C("qlora-8b-zero3-offopt-1gpu", "calibration", "zero3_offload_optimizer", 1, "training.micro_batch_size=2"),
+    C("qlora-8b-zero3-offall-1gpu", "calibration", "zero3_offload_all", 1),
+    C("qlora-70b-zero3-offall-1gpu", "calibration", "zero3_offload_all", 1, "model.name=llama3-70b"),
     C("qlora-70b-zero3-s2048", "held_out", "zero3", 2, "model.name=llama3-70b"),
 ]
 

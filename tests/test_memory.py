@@ -26,7 +26,7 @@ TINY = ModelShape("llama", 64, 176, 2, 4, 2, 512, max_position_embeddings=2048)
 CAL = Calibration(
     allocator_slack=0.1, cuda_context_bytes=500, nccl_bytes=300, fixed_allocated_bytes=1000, host_process_bytes=7000,
     norm_fp32_copies=1.0, mlp_intermediates=3.0, backward_transient=0.5, loss_bytes_per_logit=12.0,
-    dequant_copies=1.0, adam_temp_copies=1.0, load_temp_layers=1.0, zero3_live_fraction=1.0,
+    dequant_copies=1.0, adam_temp_copies=1.0, load_temp_layers=1.0, zero3_live_fraction=1.0, zero3_offload_live_fraction=1.0,
 )
 
 
@@ -181,6 +181,9 @@ def test_dequant_and_buffers():
     # bf16 dense 131712 + packed 46080 + lora 37376
     assert memory.zero3_live_param_bytes(j, "zero3", TINY, CAL) == 131712 + 46080 + 37376
     assert memory.zero3_live_param_bytes(j, "zero2", TINY, CAL) == 0
+    # one rank gathers in place unless the parameters live on the host
+    assert memory.zero3_live_param_bytes(job(), "zero3", TINY, CAL) == 0
+    assert memory.zero3_live_param_bytes(job(), "zero3_offload_all", TINY, CAL) == 131712 + 46080 + 37376
 
 
 def test_estimate_whole_tiny_qlora():
