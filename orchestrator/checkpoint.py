@@ -154,11 +154,12 @@ def save(engine, root: Path, step: int, client_state: dict, rank: int, world: in
     return path
 
 
-def check_resumable(info: CheckpointInfo, written_by: Optional[str], strategy: str, engine: str, world: int,
+def check_resumable(info: CheckpointInfo, writer: Optional[str], strategy: str, engine: str, world: int,
                     global_batch: int) -> None:
     """Raise CheckpointError (naming what to set) unless a run with ``strategy`` on the ``engine``
     ('plain' or 'deepspeed'), ``world`` processes and ``global_batch`` sequences per step can continue
-    checkpoint ``info``, written by the ``written_by`` engine. Pure: decided before anything is loaded.
+    checkpoint ``info``, written by the ``writer`` engine (`written_by`). Pure: decided before anything
+    is loaded.
 
     The global batch and the ZeRO stage must stay: step s trains global batch s of the seeded data
     stream at any world size (the data position is counted in global batches), and DeepSpeed loads a
@@ -177,12 +178,12 @@ def check_resumable(info: CheckpointInfo, written_by: Optional[str], strategy: s
                               f"this run's {strategy} is stage {now.zero_stage}; resume with strategy: "
                               f"{info.strategy}", Exit.BAD_SPEC)
     if info.world_size == world:
-        if written_by is not None and written_by != engine:
-            raise CheckpointError(f"{info.path}: written by the {written_by} engine, this run uses the {engine} "
-                                  f"engine; resume it with training.engine={written_by}", Exit.BAD_SPEC)
+        if writer is not None and writer != engine:
+            raise CheckpointError(f"{info.path}: written by the {writer} engine, this run uses the {engine} "
+                                  f"engine; resume it with training.engine={writer}", Exit.BAD_SPEC)
         return
     where = f"{info.path}: saved by {info.world_size} processes, this run has {world}"
-    if written_by != "deepspeed" or engine != "deepspeed" or saved.zero_stage == 0:
+    if writer != "deepspeed" or engine != "deepspeed" or saved.zero_stage == 0:
         raise CheckpointError(f"{where}; only a ZeRO checkpoint changes its number of processes (strategy "
                               f"{info.strategy} has no ZeRO): resume it on {info.world_size}", Exit.BAD_SPEC)
     if "nvme" in (saved.optimizer_offload, now.optimizer_offload):

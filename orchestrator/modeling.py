@@ -418,12 +418,13 @@ def live_cpu_tensor_bytes() -> int:
         if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
             continue
         try:
-            ptr = obj.untyped_storage().data_ptr()
+            storage = obj.untyped_storage()
+            ptr = storage.data_ptr()
         except RuntimeError:  # a FakeTensor or FunctionalTensor left by torch.compile: no memory of its own
             continue
         if ptr and ptr not in seen:
             seen.add(ptr)
-            total += obj.untyped_storage().nbytes()
+            total += storage.nbytes()
     return total
 
 
